@@ -1,0 +1,3 @@
+from imgprep.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Guest-side artifacts (``units/``, ``smf/``, ``operator_scripts/``) and pure renderers.
+
+The artifacts are plain files in the source tree; a wheel carries them under
+``imgprep/_data``. Rendering only substitutes a few ``@NAME@`` placeholders, so the
+files stay readable and ``systemd-analyze verify`` can check the rendered result.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+_PACKAGE = Path(__file__).resolve().parent
+
+PREFIX = "/var/lib/imgprep-prepare"
+UNIT_NAME = "imgprep-prepare.service"
+UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
+Mode = Literal["early", "legacy"]
+WANTED_BY: dict[Mode, str] = {"early": "sysinit.target", "legacy": "multi-user.target"}
+# The unit's own start timeout: the script's limit plus time for cleanup and reporting.
+UNIT_TIMEOUT_MARGIN = 60
+
+
+def artifact(relpath: str) -> Path:
+    """Path of a guest artifact, e.g. ``units/imgprep-prepare.service``."""
+    for root in (_PACKAGE / "_data", _PACKAGE.parent):
+        candidate = root / relpath
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"imgprep artifact {relpath} is missing from this installation")
+
+
+def _substitute(template: str, values: Mapping[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace(f"@{key}@", value)
+    if "@" in "".join(line for line in template.splitlines() if not line.startswith("#")):
+        leftover = [w for w in template.split() if w.startswith("@") and w.endswith("@")]
+        if leftover:
+            raise ValueError(f"unrendered placeholders: {leftover}")
+    return template
+
+
+def render_unit(mode: Mode, script_timeout: int) -> str:
+    name = "imgprep-prepare.service" if mode == "early" else "imgprep-prepare-legacy.service"
+    template = artifact(f"units/{name}").read_text()
+    return _substitute(template, {"TIMEOUT_START_SEC": str(script_timeout + UNIT_TIMEOUT_MARGIN)})
+
+
+def wants_link(mode: Mode) -> str:
+    return f"/etc/systemd/system/{WANTED_BY[mode]}.wants/{UNIT_NAME}"
+
+
+def render_armed(*, channel: str, script_timeout: int, remove: Sequence[str], rmdirs: Sequence[str]) -> str:
+    """The shell-sourced file that arms the runner. Every value is quoted."""
+    values = {
+        "IMGPREP_CHANNEL": channel,
+        "IMGPREP_SCRIPT_TIMEOUT": str(script_timeout),
+        "IMGPREP_UNIT": UNIT_NAME,
+        "IMGPREP_REMOVE": " ".join(remove),
+        "IMGPREP_RMDIRS": " ".join(rmdirs),
+    }
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())

@@ -1,0 +1,426 @@
+"""libvirt/KVM backend: local qcow2 disks, a systemd guest, internal snapshots.
+
+* checkpoint: an internal qcow2 snapshot of every disk of the shut-off domain
+  (exact, and created/reverted in milliseconds);
+* inject: the early unit, its runner and the operator script, written offline with
+  libguestfs;
+* prepare boot: ``createXML`` of the domain's own persistent definition plus one
+  extra file-backed serial port (the guest's channel to us) and ``on_poweroff``
+  destroy. The persistent definition is never changed: libvirt keeps it as the
+  domain's config while the live definition differs for this one boot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import libvirt
+
+from imgprep import artifacts
+from imgprep.backends.base import Backend, CreateRequest, StopTimeout, VmFacts
+from imgprep.channel import ChannelParser, GuestStatus
+from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
+from imgprep.export import ExportResult, export_disk
+from imgprep.libguestfs import open_guest
+from imgprep.run import run
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHECKPOINT_PREFIX = "imgprep-pre-prepare-"
+MAX_SERIAL_PORTS = 4  # ISA serial: ttyS0..ttyS3
+ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
+
+# libvirt error codes that mean "the connection or daemon went away": retry.
+_TRANSIENT_CODES = {
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_OPERATION_TIMEOUT,
+}
+
+
+def _is_transient(exc: libvirt.libvirtError) -> bool:
+    code = exc.get_error_code()
+    message = str(exc)
+    return code in _TRANSIENT_CODES or "client socket is closed" in message or "is busy" in message
+
+
+def disks_of(xml: str) -> list[dict[str, str]]:
+    """The domain's disk devices: device, type, format, path, target, bus."""
+    disks = []
+    for disk in ET.fromstring(xml).findall("./devices/disk"):
+        source = disk.find("source")
+        driver = disk.find("driver")
+        target = disk.find("target")
+        disks.append(
+            {
+                "device": disk.get("device", "disk"),
+                "type": disk.get("type", "file"),
+                "format": driver.get("type", "raw") if driver is not None else "raw",
+                "path": (source.get("file") or source.get("dev") or "") if source is not None else "",
+                "target": target.get("dev", "?") if target is not None else "?",
+                "bus": target.get("bus", "") if target is not None else "",
+            }
+        )
+    return disks
+
+
+def prepare_xml(persistent_xml: str, channel_path: Path) -> tuple[str, int]:
+    """The live definition for the prepare boot, and the guest's channel port index."""
+    root = ET.fromstring(persistent_xml)
+    devices = root.find("devices")
+    if devices is None:
+        raise NotSupported("domain XML has no <devices>")
+    ports = [int(t.get("port", "0")) for t in devices.findall("./serial/target") if t.get("port", "0").isdigit()]
+    port = max(ports, default=-1) + 1
+    if port >= MAX_SERIAL_PORTS:
+        raise NotSupported(f"the domain already uses serial ports up to ttyS{port - 1}; imgprep needs one free")
+    serial = ET.SubElement(devices, "serial", {"type": "file"})
+    ET.SubElement(serial, "source", {"path": str(channel_path)})
+    ET.SubElement(serial, "target", {"port": str(port)})
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        element = root.find(event)
+        if element is None:
+            element = ET.SubElement(root, event)
+        element.text = "destroy"
+    return ET.tostring(root, encoding="unicode"), port
+
+
+def qemu_img_info(path: Path) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(
+        run(["qemu-img", "info", "--force-share", "--output=json", "--backing-chain", str(path)]).stdout
+    )[0]
+    return info
+
+
+def allocated_bytes(path: Path) -> int:
+    chain = json.loads(run(["qemu-img", "info", "--force-share", "--output=json", "--backing-chain", str(path)]).stdout)
+    return sum(int(layer.get("actual-size", 0)) for layer in chain)
+
+
+class LibvirtBackend(Backend):
+    name = "libvirt"
+    default_script = "operator_scripts/linux-prepare-image"
+
+    _conn: Any = None
+
+    # --- libvirt plumbing -------------------------------------------------------
+
+    def _connect(self) -> Any:
+        if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if self._conn.isAlive():
+                    return self._conn
+            self._conn = None
+        try:
+            self._conn = libvirt.open(self.config.libvirt_uri)
+        except libvirt.libvirtError as exc:
+            raise TransientError(f"cannot connect to libvirt at {self.config.libvirt_uri}: {exc}") from None
+        return self._conn
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Call libvirt; a dropped connection becomes TransientError (the step is retried)."""
+        try:
+            return fn()
+        except libvirt.libvirtError as exc:
+            if _is_transient(exc):
+                self._conn = None
+                raise TransientError(f"{what}: {exc}") from None
+            raise ImgprepError(f"{what}: {exc}", code="LibvirtError") from None
+
+    def _domain(self) -> Any:
+        conn = self._connect()
+        return self._call("look up the VM", lambda: conn.lookupByUUIDString(self.state["vm_uuid"]))
+
+    def _job_dir(self) -> Path:
+        path: Path = self.config.state_dir / "jobs" / self.record["uuid"]
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    def _channel_path(self) -> Path:
+        return self._job_dir() / "guest-channel.log"
+
+    # --- validate ---------------------------------------------------------------
+
+    def validate(self) -> VmFacts:
+        try:
+            conn = libvirt.open(self.config.libvirt_uri)
+        except libvirt.libvirtError as exc:
+            raise InvalidInput(
+                f"cannot connect to libvirt at {self.config.libvirt_uri}: {exc.get_error_message()}",
+                code="LibvirtUnreachable",
+            ) from None
+        self._conn = conn
+        vm = self.params["vm"]
+        dom = None
+        try:
+            uuidlib.UUID(vm)
+            dom = conn.lookupByUUIDString(vm)
+        except (ValueError, libvirt.libvirtError):
+            try:
+                dom = conn.lookupByName(vm)
+            except libvirt.libvirtError:
+                pass
+        if dom is None:
+            raise InvalidInput(f"no VM {vm!r} at {self.config.libvirt_uri}", code="VmNotFound")
+        problems: list[str] = []
+        name = dom.name()
+        if not dom.isPersistent():
+            problems.append(f"VM {name} is transient; imgprep needs a defined (persistent) domain")
+        state = dom.state()[0]
+        if state not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_SHUTOFF):
+            problems.append(
+                f"VM {name} is neither running nor shut off (libvirt state {state}); resume or stop it first"
+            )
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        disks = [d for d in disks_of(xml) if d["device"] == "disk"]
+        if not disks:
+            problems.append(f"VM {name} has no disk")
+        for disk in disks:
+            where = f"disk {disk['target']} ({disk['path'] or disk['type']})"
+            if disk["type"] != "file":
+                problems.append(f"{where} is a {disk['type']} disk; only file-backed qcow2 disks are supported")
+            elif disk["format"] != "qcow2":
+                problems.append(f"{where} is {disk['format']}; only qcow2 disks are supported")
+            elif not os.access(disk["path"], os.R_OK | os.W_OK):
+                problems.append(f"{where} is not readable and writable here (imgprep must run on the VM's host)")
+        for snap_name in dom.snapshotListNames():
+            if snap_name.startswith(CHECKPOINT_PREFIX):
+                raise VmBusy(
+                    f"VM {name} still has checkpoint {snap_name} from an earlier imgprep job; "
+                    "run `imgprep jobs list` and `imgprep jobs recover JOB_UUID`"
+                )
+            snap_xml = dom.snapshotLookupByName(snap_name).getXMLDesc()
+            if "snapshot='external'" in snap_xml or 'snapshot="external"' in snap_xml:
+                problems.append(f"VM {name} has external snapshot {snap_name}; only internal snapshots can coexist")
+        try:
+            prepare_xml(xml, Path("/dev/null"))
+        except NotSupported as exc:
+            problems.append(exc.message)
+        output_dir = Path(self.params["output_dir"])
+        learned: dict[str, Any] = {"type": "zvol", "os": "linux"}
+        if disks and not problems:
+            boot = Path(disks[0]["path"])
+            info = qemu_img_info(boot)
+            learned["image_size"] = int(info["virtual-size"]) // (1024 * 1024)
+            if disks[0]["bus"]:
+                learned["disk_driver"] = disks[0]["bus"]
+            need = allocated_bytes(boot)
+            try:
+                free = shutil.disk_usage(output_dir).free
+            except OSError:
+                free = None
+            if free is not None and free < need:
+                problems.append(
+                    f"not enough free space in {output_dir}: the export may need {need // 2**20} MiB, "
+                    f"{free // 2**20} MiB free"
+                )
+        root = ET.fromstring(xml)
+        nic = root.find("./devices/interface/model")
+        if nic is not None and nic.get("type"):
+            learned["nic_driver"] = nic.get("type")
+        memory = root.find("memory")
+        if memory is not None and memory.text and memory.get("unit", "KiB") == "KiB":
+            learned["requirements"] = {"min_ram": int(memory.text) // 1024}
+        if problems:
+            raise InvalidInput(problems)
+        return VmFacts(dom.UUIDString(), name, state == libvirt.VIR_DOMAIN_RUNNING, learned)
+
+    # --- the chain ------------------------------------------------------------------
+
+    def stop_vm(self) -> None:
+        dom = self._domain()
+        self.state.setdefault("was_running", bool(self._call("query state", dom.isActive)))
+        self.mark_touched()
+        if not self._call("query state", dom.isActive):
+            return
+        log.info("shutting down VM %s", self.state["vm_name"])
+        self._call("shut down the VM", dom.shutdown)
+        deadline = time.monotonic() + self.config.timeouts.stop
+        while self._call("query state", dom.isActive):
+            self.engine.cancel.check()
+            if time.monotonic() >= deadline:
+                if self.config.force_stop:
+                    log.warning("VM did not shut down in %.0fs; forcing it off", self.config.timeouts.stop)
+                    self._call("power off the VM", dom.destroy)
+                    break
+                raise StopTimeout(
+                    f"VM {self.state['vm_name']} did not shut down within {self.config.timeouts.stop:.0f}s "
+                    "(does the guest handle ACPI shutdown?); rerun with --force-stop to power it off"
+                )
+            self.engine.cancel.sleep(1.0)
+
+    def checkpoint(self) -> None:
+        dom = self._domain()
+        name = CHECKPOINT_PREFIX + self.record["uuid"][:8]
+        self.state["checkpoint"] = name
+        self.persist()  # before creating it: recover must know the name
+        if self._snapshot(dom) is not None:
+            return
+        if self._call("query state", dom.isActive):
+            raise ImgprepError("the VM is running; refusing to checkpoint a live disk", code="VmRunning")
+        description = f"imgprep job {self.record['uuid']}: state before the prepare boot"
+        xml = f"<domainsnapshot><name>{name}</name><description>{description}</description></domainsnapshot>"
+        self._call("create the checkpoint", lambda: dom.snapshotCreateXML(xml, 0))
+
+    def _snapshot(self, dom: Any) -> Any:
+        name = self.state.get("checkpoint")
+        if not name:
+            return None
+        names = self._call("list snapshots", dom.snapshotListNames)
+        if name not in names:
+            return None
+        return self._call("look up the checkpoint", lambda: dom.snapshotLookupByName(name))
+
+    def _disks(self) -> list[dict[str, str]]:
+        dom = self._domain()
+        xml = self._call("read the definition", lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        return [d for d in disks_of(xml) if d["device"] == "disk"]
+
+    def inject(self, request: CreateRequest) -> None:
+        dom = self._domain()
+        persistent = self._call("read the definition", lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        _, port = prepare_xml(persistent, self._channel_path())
+        timeout = int(self.config.timeouts.prepare)
+        mode: artifacts.Mode = "legacy" if request.mode == "legacy" else "early"
+        unit = artifacts.render_unit(mode, timeout)
+        runner = artifacts.artifact("units/imgprep-prepare-runner").read_bytes()
+        link = artifacts.wants_link(mode)
+        wants_dir = str(Path(link).parent)
+        disks = [(Path(d["path"]), d["format"]) for d in self._disks()]
+        self.state["injected"] = [artifacts.UNIT_PATH, link, artifacts.PREFIX]
+        self.persist()
+        with open_guest(disks, readonly=False, force_tcg=self.config.libguestfs_tcg) as guest:
+            if guest.inspect("type") != "linux":
+                raise NotSupported(
+                    f"the guest OS is {guest.inspect('type')}; the libvirt backend prepares Linux guests"
+                )
+            if not guest.is_dir("/etc/systemd/system") or not any(
+                guest.exists(p) for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+            ):
+                raise NotSupported("the guest does not use systemd; imgprep injects a systemd unit")
+            self.state["guest_os"] = {
+                "distro": guest.inspect("distro"),
+                "version": f"{guest.inspect('major_version')}.{guest.inspect('minor_version')}",
+                "product": guest.inspect("product_name"),
+            }
+            rmdirs = []
+            if not guest.is_dir(wants_dir):
+                guest.mkdir_p(wants_dir)
+                rmdirs.append(wants_dir)
+            armed = artifacts.render_armed(
+                channel=f"/dev/ttyS{port}",
+                script_timeout=timeout,
+                remove=[artifacts.UNIT_PATH, link],
+                rmdirs=rmdirs,
+            )
+            guest.rm_rf(artifacts.PREFIX)
+            guest.mkdir_p(artifacts.PREFIX, 0o700)
+            guest.write(f"{artifacts.PREFIX}/operator-script", request.script, 0o700)
+            guest.write(f"{artifacts.PREFIX}/runner", runner, 0o755)
+            guest.write(artifacts.UNIT_PATH, unit.encode(), 0o644)
+            guest.symlink(artifacts.UNIT_PATH, link)
+            # armed last: a partial injection never runs
+            guest.write(f"{artifacts.PREFIX}/armed", armed.encode(), 0o600)
+
+    def boot_prepare(self) -> None:
+        dom = self._domain()
+        if self._call("query state", dom.isActive):
+            if self._is_prepare_boot(dom):
+                return  # retried after a dropped connection: already booted
+            raise ImgprepError("the VM is running before the prepare boot", code="VmRunning")
+        channel = self._channel_path()
+        channel.unlink(missing_ok=True)
+        persistent = self._call(
+            "read the definition",
+            lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE),
+        )
+        xml, _ = prepare_xml(persistent, channel)
+        self.state["prepare_boot"] = True
+        self.persist()
+        conn = self._connect()
+        self._call("start the prepare boot", lambda: conn.createXML(xml, 0))
+        self._parser = ChannelParser()
+        self._offset = 0
+
+    def _is_prepare_boot(self, dom: Any) -> bool:
+        """Is the running domain our prepare boot (and not the user's restarted VM)?"""
+        live = self._call("read the live definition", lambda: dom.XMLDesc(0))
+        return str(self._channel_path()) in live
+
+    def poll_guest(self) -> tuple[GuestStatus, bool]:
+        if not hasattr(self, "_parser"):
+            self._parser = ChannelParser()
+            self._offset = 0
+        try:
+            with self._channel_path().open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        self._offset += len(data)
+        self._parser.feed(data)
+        dom = self._domain()
+        powered_off = not self._call("query state", dom.isActive)
+        return self._parser.status, powered_off
+
+    def export(self) -> ExportResult:
+        boot = self._disks()[0]
+        last = [-1]
+
+        def progress(pct: float) -> None:
+            if int(pct) != last[0]:
+                last[0] = int(pct)
+                self.emit({"event": "progress", "step": "export", "percent": round(pct, 1)})
+
+        t0 = time.monotonic()
+        result = export_disk(
+            Path(boot["path"]),
+            boot["format"],
+            Path(self.params["output_dir"]),
+            self.params["image_uuid"],
+            self.params["compression"],
+            progress=progress,
+            cancel=self.engine.cancel,
+        )
+        self.engine.cancel.check()
+        self.state["export_seconds"] = round(time.monotonic() - t0, 3)
+        return result
+
+    def restore_disks(self) -> None:
+        dom = self._domain()
+        if self._call("query state", dom.isActive) and self._is_prepare_boot(dom):
+            log.info("powering off the prepare boot")
+            self._call("power off the prepare boot", dom.destroy)
+        snapshot = self._snapshot(dom)
+        if snapshot is None:
+            return  # never created (nothing injected) or already reverted and deleted
+        if self._call("query state", dom.isActive):
+            raise ImgprepError("the VM is running; cannot revert its disks", code="VmRunning")
+        self._call("revert to the checkpoint", lambda: dom.revertToSnapshot(snapshot, 0))
+
+    def delete_checkpoint(self) -> None:
+        dom = self._domain()
+        snapshot = self._snapshot(dom)
+        if snapshot is not None:
+            self._call("delete the checkpoint", lambda: snapshot.delete(0))
+
+    def restart_vm(self) -> None:
+        if not self.state.get("was_running"):
+            return
+        dom = self._domain()
+        if not self._call("query state", dom.isActive):
+            log.info("restarting VM %s", self.state["vm_name"])
+            self._call("restart the VM", dom.create)

@@ -1,0 +1,197 @@
+"""Export a powered-off disk: flatten, compress, checksum (sha1 for IMGAPI, and sha256).
+
+* ``zstd`` (default) and ``none``: ``qemu-img convert`` to a flattened qcow2
+  (``<uuid>.qcow2``), with zstd-compressed clusters for ``zstd``. The file is used as
+  is, so the manifest says ``compression: none`` and ``format: qcow2``. qemu-img must
+  seek in its output, so the checksum is a second read of the freshly written file.
+* ``gzip`` and ``xz``: a flattened raw image, stream-compressed and hashed in the
+  same pass (``<uuid>.raw.gz`` / ``<uuid>.raw.xz``).
+
+Output is written to a hidden temporary name and renamed when complete, so a
+crashed export never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import logging
+import lzma
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, BinaryIO, Protocol, cast
+
+from imgprep.errors import CommandError
+
+log = logging.getLogger(__name__)
+CHUNK = 4 * 1024 * 1024
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    size: int
+    sha1: str
+    sha256: str
+    compression: str  # as IMGAPI means it: how the file must be decompressed
+    format: str  # qcow2 | raw
+    seconds_convert: float = 0.0
+
+    def file_info(self) -> dict[str, object]:
+        return {
+            "sha1": self.sha1,
+            "sha256": self.sha256,
+            "size": self.size,
+            "compression": self.compression,
+            "format": self.format,
+        }
+
+
+class Cancellable(Protocol):
+    @property
+    def is_set(self) -> bool: ...
+
+
+def output_name(image_uuid: str, compression: str) -> str:
+    return {
+        "zstd": f"{image_uuid}.qcow2",
+        "none": f"{image_uuid}.qcow2",
+        "gzip": f"{image_uuid}.raw.gz",
+        "xz": f"{image_uuid}.raw.xz",
+    }[compression]
+
+
+def _qemu_img_convert(
+    args: list[str],
+    progress: Callable[[float], None],
+    cancel: Cancellable | None,
+    share: float,
+) -> None:
+    """Run ``qemu-img convert -p``, forwarding its percentage (scaled to ``share``)."""
+    cmd = ["qemu-img", "convert", "-p", *args]
+    log.debug("run: %s", shlex.join(cmd))
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    buffer = b""
+    try:
+        while True:
+            data = proc.stdout.read1(256)  # type: ignore[attr-defined]
+            if not data:
+                break
+            buffer = (buffer + data)[-256:]
+            for match in _PROGRESS.finditer(buffer):
+                progress(float(match.group(1)) * share)
+            buffer = buffer[buffer.rfind(b"\r") + 1 :]
+            if cancel is not None and cancel.is_set:
+                proc.terminate()
+        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if code != 0:
+        raise CommandError(cmd, code, "", stderr)
+
+
+def _hash_file(path: Path) -> tuple[str, str]:
+    sha1, sha256 = hashlib.sha1(usedforsecurity=False), hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            sha1.update(chunk)
+            sha256.update(chunk)
+    return sha1.hexdigest(), sha256.hexdigest()
+
+
+class _HashingWriter:
+    """A file-like sink that hashes and counts what the compressor writes."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        self.target = target
+        self.sha1 = hashlib.sha1(usedforsecurity=False)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha1.update(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.target.write(data)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+def _compress_stream(
+    raw: Path,
+    dest: Path,
+    compression: str,
+    progress: Callable[[float], None],
+    cancel: Cancellable | None,
+) -> tuple[int, str, str]:
+    total = max(raw.stat().st_size, 1)
+    done = 0
+    with raw.open("rb") as source, dest.open("wb") as out:
+        sink = _HashingWriter(out)
+        compressor: gzip.GzipFile | lzma.LZMAFile
+        if compression == "gzip":
+            compressor = gzip.GzipFile(fileobj=cast(IO[bytes], sink), mode="wb", compresslevel=6, mtime=0)
+        else:
+            compressor = lzma.LZMAFile(cast(IO[bytes], sink), mode="wb", preset=6)
+        with compressor:
+            while chunk := source.read(CHUNK):
+                compressor.write(chunk)
+                done += len(chunk)
+                progress(50.0 + 50.0 * done / total)
+                if cancel is not None and cancel.is_set:
+                    raise InterruptedError("export canceled")
+        out.flush()
+        os.fsync(out.fileno())
+    return sink.size, sink.sha1.hexdigest(), sink.sha256.hexdigest()
+
+
+def export_disk(
+    source: Path,
+    source_format: str,
+    output_dir: Path,
+    image_uuid: str,
+    compression: str,
+    *,
+    progress: Callable[[float], None] = lambda _pct: None,
+    cancel: Cancellable | None = None,
+) -> ExportResult:
+    dest = output_dir / output_name(image_uuid, compression)
+    partial = output_dir / f".{dest.name}.partial"
+    raw_tmp = output_dir / f".{image_uuid}.raw.partial"
+    try:
+        if compression in ("zstd", "none"):
+            opts = ["-c", "-o", "compression_type=zstd"] if compression == "zstd" else []
+            _qemu_img_convert(
+                ["-f", source_format, "-O", "qcow2", *opts, str(source), str(partial)],
+                progress,
+                cancel,
+                1.0,
+            )
+            with partial.open("rb+") as f:
+                os.fsync(f.fileno())
+            sha1, sha256 = _hash_file(partial)
+            size = partial.stat().st_size
+            fmt, file_compression = "qcow2", "none"
+        else:
+            _qemu_img_convert(["-f", source_format, "-O", "raw", str(source), str(raw_tmp)], progress, cancel, 0.5)
+            size, sha1, sha256 = _compress_stream(raw_tmp, partial, compression, progress, cancel)
+            fmt, file_compression = "raw", compression
+        partial.rename(dest)
+        progress(100.0)
+    finally:
+        for leftover in (partial, raw_tmp):
+            leftover.unlink(missing_ok=True)
+    return ExportResult(dest, size, sha1, sha256, file_compression, fmt)

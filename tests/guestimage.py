@@ -1,0 +1,273 @@
+"""Build (and cache) the Debian test guest used by the end-to-end tests and the demo.
+
+The guest is a debootstrapped Debian 12 with systemd, openssh-server and a few
+application daemons that create state on their first start:
+
+* ``demo-identity.service`` writes ``/var/lib/demo-identity/node-id`` (like Consul's
+  node-id) the first time it starts;
+* ``etcd-server`` writes its member directory under ``/var/lib/etcd``;
+* ``redis-server`` writes ``/var/lib/redis/dump.rdb`` when it stops;
+* ``nginx`` (used by the benchmark) writes its pid and logs.
+
+Every one of them is enabled but carries ``ConditionFirstBoot=no``: the image is
+shipped with ``/etc/machine-id`` set to ``uninitialized``, so the prototype's first
+boot does not start them. That gives the tests a *running* prototype whose daemons
+have never started, exactly the situation of an operator who installed and enabled
+them but has not run them yet. Every later normal boot starts them (the control).
+
+The root filesystem is packed partition-less into a qcow2 (``mkfs.ext4 -d``) and
+booted with direct kernel boot; kernel and initrd are kept beside the disk. The
+result is cached under a directory keyed by a hash of this recipe, so a second run
+does not rebuild it.
+
+Usage: ``python -m tests.guestimage build`` prints the cache directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+PACKAGES = (
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "linux-image-cloud-amd64",
+    "initramfs-tools",
+    "openssh-server",
+    "etcd-server",
+    "redis-server",
+    "nginx",
+)
+APP_SERVICES = ("demo-identity.service", "etcd.service", "redis-server.service", "nginx.service")
+DISK_SIZE = "2G"
+
+DEMO_DAEMON = """#!/bin/sh
+# demo-identity: like Consul, create a node identity on the first start, then serve.
+set -eu
+dir=/var/lib/demo-identity
+if [ ! -s "$dir/node-id" ]; then
+    mkdir -p "$dir"
+    cat /proc/sys/kernel/random/uuid > "$dir/node-id"
+    echo "demo-identity: created node-id $(cat "$dir/node-id")" > /dev/console
+fi
+exec sleep infinity
+"""
+
+DEMO_UNIT = """[Unit]
+Description=Demo daemon that creates a node identity on its first start
+
+[Service]
+ExecStart=/usr/local/bin/demo-identity
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+NOT_ON_FIRST_BOOT = """[Unit]
+# Test fixture: not started on the image's first boot, so the prototype has never
+# run this daemon; every later boot starts it.
+ConditionFirstBoot=no
+"""
+
+FSTAB = "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"
+HOSTS = "127.0.0.1 localhost\n127.0.1.1 imgprep-proto\n::1 localhost ip6-localhost ip6-loopback\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestImage:
+    """A built test guest: a pristine qcow2, its kernel and initrd, and its rootfs tree."""
+
+    directory: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.qcow2"
+
+    @property
+    def kernel(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.img"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.directory / "rootfs"
+
+
+def recipe_key() -> str:
+    """Hash of everything that determines the guest's content."""
+    digest = hashlib.sha256()
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("IMGPREP_TEST_CACHE", "/var/cache/imgprep-test"))
+
+
+def _run(cmd: list[str], **kwargs: object) -> None:
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+
+
+def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
+    path = root / rel.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def _symlink(root: Path, rel: str, target: str) -> None:
+    path = root / rel.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.symlink_to(target)
+
+
+def _customize(root: Path) -> None:
+    _write(root, "/etc/hostname", "imgprep-proto\n")
+    _write(root, "/etc/hosts", HOSTS)  # debootstrap writes none; etcd resolves localhost
+    _write(root, "/etc/fstab", FSTAB)
+    _write(root, "/usr/local/bin/demo-identity", DEMO_DAEMON, 0o755)
+    _write(root, "/etc/systemd/system/demo-identity.service", DEMO_UNIT)
+    _symlink(
+        root,
+        "/etc/systemd/system/multi-user.target.wants/demo-identity.service",
+        "/etc/systemd/system/demo-identity.service",
+    )
+    for service in APP_SERVICES:
+        _write(root, f"/etc/systemd/system/{service}.d/10-not-on-first-boot.conf", NOT_ON_FIRST_BOOT)
+    for service in ("etcd.service", "redis-server.service", "nginx.service"):
+        wants = root / "etc/systemd/system/multi-user.target.wants" / service
+        if not wants.is_symlink():
+            raise RuntimeError(f"package did not enable {service}; recipe is stale")
+    # Root may log in on the serial console without a password (test guest only).
+    _run(["chroot", str(root), "passwd", "-d", "root"])
+    # A cloud image ships without an identity: the first boot commits a machine-id.
+    _write(root, "/etc/machine-id", "uninitialized\n", 0o444)
+    dbus_id = root / "var/lib/dbus/machine-id"
+    if dbus_id.is_symlink() or dbus_id.exists():
+        dbus_id.unlink()
+    shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
+    (root / "var/cache/apt/archives/partial").mkdir(parents=True)
+
+
+def build(force: bool = False) -> GuestImage:
+    """Return the cached guest for the current recipe, building it if needed."""
+    image = GuestImage(cache_root() / recipe_key())
+    done = image.directory / "done.json"
+    if done.exists() and not force:
+        return image
+    if image.directory.exists():
+        shutil.rmtree(image.directory)
+    image.directory.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=image.directory.parent))
+    try:
+        rootfs = work / "rootfs"
+        _run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=" + ",".join(PACKAGES),
+                SUITE,
+                str(rootfs),
+                MIRROR,
+            ]
+        )
+        _customize(rootfs)
+        kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+        initrds = sorted((rootfs / "boot").glob("initrd.img-*"))
+        if not kernels or not initrds:
+            raise RuntimeError("no kernel/initrd in the debootstrapped tree")
+        shutil.copy2(kernels[-1], work / "vmlinuz")
+        shutil.copy2(initrds[-1], work / "initrd.img")
+        raw = work / "disk.raw"
+        _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(rootfs), str(raw), DISK_SIZE])
+        _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2")])
+        raw.unlink()
+        for name in ("vmlinuz", "initrd.img", "disk.qcow2"):
+            (work / name).chmod(0o644)
+        work.chmod(0o755)
+        (work / "done.json").write_text(json.dumps({"recipe": recipe_key(), "packages": PACKAGES}))
+        work.rename(image.directory)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return image
+
+
+def domain_xml(
+    name: str,
+    disk: Path,
+    image: GuestImage,
+    console_log: Path,
+    domain_uuid: str | None = None,
+    memory_mib: int = 1024,
+) -> str:
+    """libvirt XML for a software-emulated domain booting the test guest."""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{domain_uuid or uuid.uuid4()}</uuid>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{image.kernel}</kernel>
+    <initrd>{image.initrd}</initrd>
+    <cmdline>root=/dev/vda rw console=ttyS0 net.ifnames=0</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'>
+      <source path='{console_log}'/>
+      <target port='0'/>
+    </serial>
+    <console type='file'>
+      <source path='{console_log}'/>
+      <target type='serial' port='0'/>
+    </console>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["build", "key"])
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    if args.action == "key":
+        print(recipe_key())
+        return 0
+    print(build(force=args.force).directory)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
