@@ -7,6 +7,7 @@ files stay readable and ``systemd-analyze verify`` can check the rendered result
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,10 +36,11 @@ def artifact(relpath: str) -> Path:
 def _substitute(template: str, values: Mapping[str, str]) -> str:
     for key, value in values.items():
         template = template.replace(f"@{key}@", value)
-    if "@" in "".join(line for line in template.splitlines() if not line.startswith("#")):
-        leftover = [w for w in template.split() if w.startswith("@") and w.endswith("@")]
-        if leftover:
-            raise ValueError(f"unrendered placeholders: {leftover}")
+    # placeholders sit inside words ("TimeoutStartSec=@X@"); comments may mention them
+    body = "\n".join(line for line in template.splitlines() if not line.lstrip().startswith("#"))
+    leftover = re.findall(r"@[A-Z][A-Z0-9_]*@", body)
+    if leftover:
+        raise ValueError(f"unrendered placeholders: {leftover}")
     return template
 
 

@@ -130,6 +130,41 @@ class _HashingWriter:
         self.target.flush()
 
 
+STREAM_COMPRESSIONS = ("none", "gzip", "xz")
+
+
+class CompressingWriter:
+    """Compress (gzip | xz | none) what is written and hash the *compressed* bytes.
+
+    One pass, no temporary file: the libvirt backend feeds it a raw disk, the SmartOS
+    backend a ``zfs send`` stream arriving over SSH. ``finish()`` returns the size,
+    sha1 and sha256 of what reached ``target`` (what IMGAPI's ``files[0]`` describes).
+    """
+
+    def __init__(self, target: BinaryIO, compression: str) -> None:
+        if compression not in STREAM_COMPRESSIONS:
+            raise ValueError(f"stream compression must be one of {STREAM_COMPRESSIONS}, got {compression!r}")
+        self._sink = _HashingWriter(target)
+        self._compressor: gzip.GzipFile | lzma.LZMAFile | None = None
+        if compression == "gzip":
+            self._compressor = gzip.GzipFile(fileobj=cast(IO[bytes], self._sink), mode="wb", compresslevel=6, mtime=0)
+        elif compression == "xz":
+            self._compressor = lzma.LZMAFile(cast(IO[bytes], self._sink), mode="wb", preset=6)  # noqa: SIM115 (closed by finish)
+
+    def write(self, data: bytes) -> None:
+        if self._compressor is None:
+            self._sink.write(data)
+        else:
+            self._compressor.write(data)
+
+    def finish(self) -> tuple[int, str, str]:
+        """Flush the compressor; (size, sha1, sha256) of the compressed output."""
+        if self._compressor is not None:
+            self._compressor.close()
+        self._sink.flush()
+        return self._sink.size, self._sink.sha1.hexdigest(), self._sink.sha256.hexdigest()
+
+
 def _compress_stream(
     raw: Path,
     dest: Path,
@@ -140,22 +175,17 @@ def _compress_stream(
     total = max(raw.stat().st_size, 1)
     done = 0
     with raw.open("rb") as source, dest.open("wb") as out:
-        sink = _HashingWriter(out)
-        compressor: gzip.GzipFile | lzma.LZMAFile
-        if compression == "gzip":
-            compressor = gzip.GzipFile(fileobj=cast(IO[bytes], sink), mode="wb", compresslevel=6, mtime=0)
-        else:
-            compressor = lzma.LZMAFile(cast(IO[bytes], sink), mode="wb", preset=6)
-        with compressor:
-            while chunk := source.read(CHUNK):
-                compressor.write(chunk)
-                done += len(chunk)
-                progress(50.0 + 50.0 * done / total)
-                if cancel is not None and cancel.is_set:
-                    raise InterruptedError("export canceled")
+        writer = CompressingWriter(out, compression)
+        while chunk := source.read(CHUNK):
+            writer.write(chunk)
+            done += len(chunk)
+            progress(50.0 + 50.0 * done / total)
+            if cancel is not None and cancel.is_set:
+                raise InterruptedError("export canceled")
+        result = writer.finish()
         out.flush()
         os.fsync(out.fileno())
-    return sink.size, sink.sha1.hexdigest(), sink.sha256.hexdigest()
+    return result
 
 
 def export_disk(

@@ -195,6 +195,9 @@ class Engine:
             log.exception("step %s crashed", step.name)
             result["error"] = {"code": "InternalError", "message": f"{type(exc).__name__}: {exc}"}
             raise
+        except BaseException as exc:  # KeyboardInterrupt/SystemExit: the step did not finish OK either
+            result["error"] = {"code": Cancelled.code, "message": f"step interrupted ({type(exc).__name__})"}
+            raise
         finally:
             result["finished_at"] = now()
             elapsed = round(time.monotonic() - t0, 3)

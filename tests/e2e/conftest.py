@@ -1,0 +1,205 @@
+"""End-to-end fixtures: a real libvirtd, real QEMU (software emulation), a real Debian guest.
+
+Nothing here is mocked. The tests are gated on a capability probe (libvirtd reachable,
+libguestfs importable, debootstrap present); with ``IMGPREP_REQUIRE_E2E=1`` (set by the
+test command and CI) a failed probe FAILS the session instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.guestimage import GuestImage, build, domain_xml
+
+LIBVIRT_URI = "qemu:///system"
+VM_ROOT = Path(os.environ.get("IMGPREP_TEST_VM_DIR", "/var/lib/imgprep-test-vms"))
+BOOT_TIMEOUT = 300.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _probe() -> str | None:
+    """Why the e2e tests cannot run here, or None."""
+    try:
+        import guestfs  # noqa: F401
+        import libvirt
+    except ImportError as exc:
+        return f"python bindings missing: {exc}"
+    if shutil.which("debootstrap") is None or shutil.which("qemu-img") is None:
+        return "debootstrap or qemu-img not installed"
+    try:
+        libvirt.open(LIBVIRT_URI).close()
+    except libvirt.libvirtError as exc:
+        return f"libvirtd not reachable at {LIBVIRT_URI}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    reason = _probe()
+    if reason is not None:
+        if os.environ.get("IMGPREP_REQUIRE_E2E") == "1":
+            pytest.fail(f"end-to-end tests required but cannot run: {reason}")
+        pytest.skip(f"end-to-end tests cannot run here: {reason}")
+    os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+    os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+    return build()
+
+
+@pytest.fixture(scope="session")
+def libvirt_uri() -> str:
+    return LIBVIRT_URI
+
+
+@dataclasses.dataclass
+class Prototype:
+    """A defined libvirt domain booting a private copy of the test guest."""
+
+    name: str
+    uuid: str
+    disk: Path
+    console: Path
+    conn: Any
+
+    @property
+    def dom(self) -> Any:
+        return self.conn.lookupByUUIDString(self.uuid)
+
+    def console_text(self) -> str:
+        try:
+            return self.console.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def is_running(self) -> bool:
+        return bool(self.dom.isActive())
+
+    def start(self, wait_for: str = "login:") -> None:
+        """Boot and wait until the console shows ``wait_for`` (after this boot began)."""
+        offset = len(self.console_text())
+        self.dom.create()
+        self.wait_console(wait_for, offset)
+
+    def wait_console(self, text: str, offset: int = 0, timeout: float = BOOT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.console_text()[offset:]:
+            if len(self.console_text()) < offset:
+                offset = 0  # libvirt truncates a file-backed console when the domain starts
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: {text!r} not seen on the console in {timeout}s")
+            if not self.is_running():
+                raise AssertionError(f"{self.name}: powered off before {text!r} appeared")
+            time.sleep(1)
+
+    def shutdown(self, timeout: float = 180) -> None:
+        self.dom.shutdown()
+        deadline = time.monotonic() + timeout
+        while self.is_running():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: did not shut down in {timeout}s")
+            time.sleep(0.5)
+
+    def snapshots(self) -> list[str]:
+        return list(self.dom.snapshotListNames())
+
+    def persistent_xml(self) -> str:
+        import libvirt
+
+        return str(self.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+
+@pytest.fixture
+def prototype(guest_image: GuestImage, libvirt_uri: str, request: pytest.FixtureRequest) -> Iterator[Prototype]:
+    import libvirt
+
+    conn = libvirt.open(libvirt_uri)
+    name = f"imgprep-e2e-{uuid.uuid4().hex[:8]}"
+    workdir = VM_ROOT / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    disk = workdir / "disk.qcow2"
+    shutil.copyfile(guest_image.disk, disk)
+    console = workdir / "console.log"
+    dom = conn.defineXML(domain_xml(name, disk, guest_image, console))
+    proto = Prototype(name, dom.UUIDString(), disk, console, conn)
+    yield proto
+    try:
+        dom = conn.lookupByUUIDString(proto.uuid)
+        if dom.isActive():
+            dom.destroy()
+        for snap in dom.snapshotListNames():
+            dom.snapshotLookupByName(snap).delete(0)
+        dom.undefine()
+    finally:
+        conn.close()
+        report = getattr(request.node, "rep_call", None)
+        if report is None or report.passed:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def output_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+@dataclasses.dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.events[-1]
+
+
+@pytest.fixture
+def imgprep(state_dir: Path) -> Any:
+    """Run the real ``imgprep`` command (a subprocess, as a user would)."""
+
+    def run(*args: str, timeout: float = 900) -> CliResult:
+        env = {**os.environ, "IMGPREP_STATE_DIR": str(state_dir)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "imgprep", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            cwd=REPO,
+            check=False,
+        )
+        sys.stderr.write(proc.stderr)
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+    return run

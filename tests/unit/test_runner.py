@@ -1,0 +1,308 @@
+"""units/imgprep-prepare-runner, run for real under /bin/sh in a private mount namespace.
+
+The runner uses fixed guest paths (/var/lib/imgprep-prepare, /run, /etc/systemd/system)
+and sets its own PATH, so each run happens in ``unshare --mount --pid --fork`` where
+temporary directories are bind-mounted over /var/lib, /run and /etc/systemd/system and a
+fake ``systemctl`` (which records its arguments) over /usr/bin/systemctl. Mount
+propagation is private: nothing is visible outside the namespace, and the pid namespace
+kills anything left behind. The channel is a plain file, parsed with ChannelParser.
+
+Needs: root-equivalent capabilities for mount namespaces (probed; skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from imgprep.artifacts import PREFIX, UNIT_NAME, UNIT_PATH, artifact, render_armed, wants_link
+from imgprep.channel import ChannelParser, GuestStatus
+
+pytestmark = pytest.mark.allow_subprocess("unshare")
+
+GUEST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # what the runner sets for itself
+MOUNTS = {"varlib": "/var/lib", "run": "/run", "etcsys": "/etc/systemd/system"}
+WANTS_DIR = "/etc/systemd/system/sysinit.target.wants"
+# A private mount namespace (propagation private), and a pid namespace that kills
+# whatever the runner leaves behind when it exits.
+UNSHARE = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child"]
+
+# Bind the fake tree in, then run the runner the way systemd does: exec the file.
+NAMESPACE_SCRIPT = """
+set -e
+t=$1
+mount --no-mtab --bind "$t/varlib" /var/lib
+mount --no-mtab --bind "$t/run" /run
+mount --no-mtab --bind "$t/etcsys" /etc/systemd/system
+mount --no-mtab --bind "$t/systemctl" /usr/bin/systemctl
+exec /var/lib/imgprep-prepare/runner
+"""
+
+FAKE_SYSTEMCTL = """\
+#!/bin/sh
+# A fake systemctl for the few verbs the runner uses, in systemctl's output format.
+echo "$*" >> /run/systemctl.args
+prop() {  # prop NAME UNIT
+    case "$1" in
+    Id) echo "$2" ;;
+    InactiveExitTimestampMonotonic) echo 2000000 ;;
+    InitRDTimestampMonotonic) echo 0 ;;
+    UserspaceTimestampMonotonic) echo 1500000 ;;
+    DefaultDependencies) if [ "$2" = cron.service ]; then echo yes; else echo no; fi ;;
+    esac
+}
+verb=$1
+shift
+case "$verb" in
+show)  # show [-p PROP]... [--value] [UNIT]...
+    props=""
+    value=no
+    while [ $# -gt 0 ]; do
+        case "$1" in
+        -p) props="$props $2"; shift 2 ;;
+        --value) value=yes; shift ;;
+        *) break ;;
+        esac
+    done
+    [ $# -gt 0 ] || set -- manager
+    first=yes
+    for unit in "$@"; do
+        [ $first = yes ] || echo  # a blank line between units
+        first=no
+        for p in $props; do
+            if [ $value = yes ]; then prop "$p" "$unit"; else echo "$p=$(prop "$p" "$unit")"; fi
+        done
+    done ;;
+list-units)
+    echo "systemd-journald.service loaded active running Journal Service"
+    echo "imgprep-prepare.service loaded activating start imgprep early operator script"
+    echo "cron.service loaded active running Regular background program processing daemon" ;;
+is-active)
+    case "$1" in multi-user.target) echo inactive ;; *) echo active ;; esac ;;
+esac
+exit 0
+"""
+
+
+@pytest.fixture(scope="module")
+def namespaces(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Capability probe: a private mount namespace with bind mounts over the fixed paths."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) is not installed")
+    if shutil.which("systemctl", path=GUEST_PATH) != "/usr/bin/systemctl":
+        pytest.skip("needs /usr/bin/systemctl to bind the fake over (and nothing earlier on the runner's PATH)")
+    for target in MOUNTS.values():
+        if not Path(target).is_dir():
+            pytest.skip(f"{target} does not exist here")
+    probe = tmp_path_factory.mktemp("probe")
+    (probe / "a").mkdir()
+    (probe / "b").mkdir()
+    (probe / "a" / "seen").write_text("yes")
+    proc = subprocess.run(
+        [*UNSHARE, "/bin/sh", "-c", 'mount --no-mtab --bind "$1/a" "$1/b"', "sh", str(probe)],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"no private mount namespaces here: {proc.stderr.decode().strip()}")
+    assert not (probe / "b" / "seen").exists()  # the bind mount stayed inside the namespace
+
+
+@dataclasses.dataclass
+class Run:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    messages: list[tuple[str, str]]
+    status: GuestStatus
+    tree: Path
+    channel: Path
+
+    def host(self, guest_path: str) -> Path:
+        """Where a guest path of the fake tree lives on the host."""
+        for name, mount in MOUNTS.items():
+            if guest_path == mount or guest_path.startswith(mount + "/"):
+                return self.tree / name / guest_path[len(mount) :].lstrip("/")
+        raise AssertionError(f"{guest_path} is not in the fake tree")
+
+    @property
+    def kinds(self) -> list[str]:
+        return [kind if kind != "state" else f"state:{text}" for kind, text in self.messages]
+
+
+def make_tree(
+    tmp_path: Path, script: str, *, timeout: int = 30, armed: bool = True, remove: list[str] | None = None
+) -> Run:
+    tree = tmp_path / "tree"
+    for name in MOUNTS:
+        (tree / name).mkdir(parents=True)
+    run = Run(0, b"", b"", [], GuestStatus(), tree, tmp_path / "chan 'nel' $x.log")
+    prefix = run.host(PREFIX)
+    prefix.mkdir(mode=0o700)
+    shutil.copy2(artifact("units/imgprep-prepare-runner"), prefix / "runner")
+    (prefix / "runner").chmod(0o755)
+    (prefix / "operator-script").write_text(textwrap.dedent(script))
+    # what inject() writes: the unit and its wants link
+    run.host(UNIT_PATH).write_text("[Unit]\n")
+    run.host(WANTS_DIR).mkdir()
+    run.host(wants_link("early")).symlink_to(UNIT_PATH)
+    # controls: things that are not imgprep's must survive the cleanup
+    run.host("/etc/systemd/system/keep.service").write_text("[Unit]\n")
+    run.host("/var/lib/other-app").mkdir()
+    run.host("/var/lib/other-app/state").write_text("keep me\n")
+    fake = tree / "systemctl"
+    fake.write_text(FAKE_SYSTEMCTL)
+    fake.chmod(0o755)
+    if armed:
+        (prefix / "armed").write_text(
+            render_armed(
+                channel=str(run.channel),
+                script_timeout=timeout,
+                remove=remove if remove is not None else [UNIT_PATH, wants_link("early")],
+                rmdirs=[WANTS_DIR],
+            )
+        )
+    return run
+
+
+def run_runner(run: Run) -> Run:
+    proc = subprocess.run(
+        [*UNSHARE, "/bin/sh", "-c", NAMESPACE_SCRIPT, "sh", str(run.tree)],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C"},
+        timeout=120,
+        check=False,
+    )
+    run.returncode, run.stdout, run.stderr = proc.returncode, proc.stdout, proc.stderr
+    if run.channel.exists():
+        parser = ChannelParser()
+        run.messages = parser.feed(run.channel.read_bytes())
+        run.status = parser.status
+    return run
+
+
+def assert_cleaned_up(run: Run) -> None:
+    assert not run.host(PREFIX).exists()
+    assert not run.host(UNIT_PATH).exists()
+    assert not run.host(wants_link("early")).is_symlink()
+    assert not run.host(WANTS_DIR).exists()  # emptied, so removed
+    # the controls survived
+    assert run.host("/etc/systemd/system/keep.service").exists()
+    assert run.host("/var/lib/other-app/state").read_text() == "keep me\n"
+
+
+def test_success(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(
+        make_tree(
+            tmp_path,
+            """\
+            #!/bin/sh
+            echo "cleaning up"
+            echo "path=$PATH"
+            echo marker > /run/script-ran
+            """,
+        )
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.kinds == ["state:running", "log", "report", "state:success"]
+    assert run.status.seen_states == ["running", "success"]
+    assert run.status.error is None
+    assert run.status.log == f"cleaning up\npath={GUEST_PATH}"
+    assert (run.tree / "run" / "script-ran").read_text() == "marker\n"
+    report = run.status.report
+    assert report is not None
+    assert report["unit"] == UNIT_NAME
+    assert report["script_exit"] == 0
+    assert report["unit_start_us"] == 2000000
+    assert report["userspace_us"] == 1500000
+    assert report["services"] == ["systemd-journald.service", "cron.service"]  # not the unit itself
+    assert report["late_services"] == ["cron.service"]
+    assert report["targets"]["multi-user.target"] == "inactive"
+    assert report["targets"]["local-fs.target"] == "active"
+    assert 0 < report["script_start_us"] <= report["script_end_us"] <= report["finish_us"]
+    assert_cleaned_up(run)
+    calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
+    assert f"show -p InactiveExitTimestampMonotonic --value {UNIT_NAME}" in calls
+    # the script's full output stays in the guest's /run (a tmpfs, not part of the image)
+    assert "cleaning up" in (run.tree / "run" / "imgprep-prepare.log").read_text()
+
+
+def test_script_failure_reports_the_error_before_the_final_state(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(
+        make_tree(
+            tmp_path,
+            """\
+            #!/bin/sh
+            echo "removing keys"
+            echo "boom: cannot remove /etc/ssh/key" >&2
+            exit 3
+            """,
+        )
+    )
+    assert run.returncode == 1
+    assert run.kinds == ["state:running", "log", "error", "report", "state:error"]
+    assert run.kinds.index("error") < run.kinds.index("state:error")
+    assert run.status.state == "error"
+    assert run.status.error == "operator script exited with status 3\nremoving keys\nboom: cannot remove /etc/ssh/key"
+    assert run.status.report is not None
+    assert run.status.report["script_exit"] == 3
+    assert_cleaned_up(run)  # cleanup happens on failure too
+
+
+def test_script_timeout(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(
+        make_tree(
+            tmp_path,
+            """\
+            #!/bin/sh
+            echo started
+            exec sleep 120
+            """,
+            timeout=1,
+        )
+    )
+    assert run.returncode == 1
+    assert run.kinds == ["state:running", "log", "error", "report", "state:error"]
+    assert run.status.error is not None
+    assert run.status.error.startswith("operator script timed out after 1s\nstarted")
+    assert run.status.report is not None
+    assert run.status.report["script_exit"] == 124
+    assert_cleaned_up(run)
+
+
+def test_cleanup_failure_is_an_error_even_when_the_script_succeeded(namespaces: None, tmp_path: Path) -> None:
+    stubborn = "/etc/systemd/system/stubborn.d"  # rm -f cannot remove a non-empty directory
+    run = make_tree(tmp_path, "#!/bin/sh\necho ok\n", remove=[UNIT_PATH, wants_link("early"), stubborn])
+    run.host(stubborn).mkdir()
+    (run.host(stubborn) / "x").write_text("")
+    run = run_runner(run)
+    assert run.returncode == 1
+    assert run.kinds == ["state:running", "log", "error", "report", "state:error"]
+    assert run.status.error is not None
+    assert run.status.error.startswith(f"imgprep cleanup failed: cannot remove {stubborn}; {stubborn} still present;")
+    assert run.status.report is not None
+    assert run.status.report["script_exit"] == 0
+    assert not run.host(UNIT_PATH).exists()  # the rest was still removed
+    assert not run.host(PREFIX).exists()
+
+
+def test_unarmed_runner_does_nothing_and_says_nothing(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(make_tree(tmp_path, "#!/bin/sh\necho should not run > /run/ran\n", armed=False))
+    assert run.returncode == 0
+    assert run.stdout == b""
+    assert run.stderr == b""
+    assert not run.channel.exists()
+    assert not (run.tree / "run" / "ran").exists()
+    assert not (run.tree / "run" / "systemctl.args").exists()
+    assert run.host(PREFIX + "/runner").exists()  # nothing removed
+    assert run.host(UNIT_PATH).exists()
+    assert os.listdir(run.tree / "run") == []
