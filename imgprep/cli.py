@@ -300,7 +300,9 @@ def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    raise ImgprepError("imgprep serve is not available in this build", code="NotSupported")
+    from imgprep.api import serve
+
+    return serve(load_effective_config(args.config), listen=args.listen, out=out)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -61,7 +61,7 @@ class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: Path = dataclasses.field(default_factory=default_state_dir)
     output_dir: Path = Path()
-    compression: str = "zstd"
+    compression: str | None = None  # None: the backend's default (libvirt zstd, smartos gzip)
     timeouts: Timeouts = Timeouts()
     force_stop: bool = False
     script: Path | None = None

@@ -76,9 +76,7 @@ def _qemu_img_convert(
     """Run ``qemu-img convert -p``, forwarding its percentage (scaled to ``share``)."""
     cmd = ["qemu-img", "convert", "-p", *args]
     log.debug("run: %s", shlex.join(cmd))
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     buffer = b""
     try:

@@ -33,6 +33,10 @@ def backend_class(name: str) -> type[Backend]:
         from imgprep.backends.libvirt import LibvirtBackend
 
         return LibvirtBackend
+    if name == "smartos":
+        from imgprep.backends.smartos import SmartosBackend
+
+        return SmartosBackend
     raise InvalidInput(f"unknown backend {name!r} (known: libvirt, smartos)")
 
 
@@ -66,7 +70,12 @@ def build_request(
         user_manifest = validate_user_manifest(user_manifest)
     except InvalidInput as exc:
         problems.extend(p for p in exc.problems if p not in problems)
-    compression = compression or config.compression
+    backend_cls = None
+    try:
+        backend_cls = backend_class(backend)
+    except InvalidInput as exc:
+        problems.extend(exc.problems)
+    compression = compression or config.compression or (backend_cls.default_compression if backend_cls else "zstd")
     if compression not in COMPRESSIONS:
         problems.append(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     out = (output_dir or config.output_dir).resolve()
@@ -74,11 +83,6 @@ def build_request(
         problems.append(f"output directory {out} does not exist")
     elif not os.access(out, os.W_OK | os.X_OK):
         problems.append(f"output directory {out} is not writable")
-    backend_cls = None
-    try:
-        backend_cls = backend_class(backend)
-    except InvalidInput as exc:
-        problems.extend(exc.problems)
     script_path = script or config.script
     script_bytes = b""
     script_name = ""

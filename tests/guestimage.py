@@ -28,12 +28,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -109,10 +111,17 @@ class GuestImage:
 
 
 def recipe_key() -> str:
-    """Hash of everything that determines the guest's content."""
-    digest = hashlib.sha256()
-    digest.update(Path(__file__).read_bytes())
-    return digest.hexdigest()[:16]
+    """Hash of everything that determines the guest's content (not of this whole file)."""
+    recipe = {
+        "suite": SUITE,
+        "mirror": MIRROR,
+        "packages": PACKAGES,
+        "app_services": APP_SERVICES,
+        "disk_size": DISK_SIZE,
+        "files": [DEMO_DAEMON, DEMO_UNIT, NOT_ON_FIRST_BOOT, FSTAB, HOSTS],
+        "code": [inspect.getsource(f) for f in (_customize, _write, _symlink, build)],
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_root() -> Path:
@@ -121,7 +130,8 @@ def cache_root() -> Path:
 
 def _run(cmd: list[str], **kwargs: object) -> None:
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+    # stdout too goes to stderr: callers capture stdout for results (the demo's VM UUID)
+    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=sys.stderr, **kwargs)  # type: ignore[call-overload]
 
 
 def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
@@ -216,6 +226,7 @@ def build(force: bool = False) -> GuestImage:
 def domain_xml(
     name: str,
     disk: Path,
+    *,
     image: GuestImage,
     console_log: Path,
     domain_uuid: str | None = None,
@@ -257,15 +268,56 @@ def domain_xml(
 """
 
 
+DEMO_NAME = "imgprep-demo"
+DEMO_DIR = Path("/var/lib/imgprep-demo")
+
+
+def demo_vm() -> str:
+    """(Re)create the demo prototype from a fresh copy of the guest, boot it, return its UUID."""
+    import libvirt
+
+    image = build()
+    conn = libvirt.open("qemu:///system")
+    try:
+        try:
+            old = conn.lookupByName(DEMO_NAME)
+        except libvirt.libvirtError:
+            old = None
+        if old is not None:
+            if old.isActive():
+                old.destroy()
+            for snap in old.snapshotListNames():
+                old.snapshotLookupByName(snap).delete(0)
+            old.undefine()
+        DEMO_DIR.mkdir(parents=True, exist_ok=True)
+        disk = DEMO_DIR / "disk.qcow2"
+        shutil.copyfile(image.disk, disk)
+        console = DEMO_DIR / "console.log"
+        console.unlink(missing_ok=True)
+        dom = conn.defineXML(domain_xml(DEMO_NAME, disk, image=image, console_log=console))
+        dom.create()
+        print(f"demo: booting {DEMO_NAME} ({dom.UUIDString()}), console log {console}", file=sys.stderr)
+        deadline = time.monotonic() + 600
+        while "login:" not in (console.read_text(errors="replace") if console.exists() else ""):
+            if time.monotonic() > deadline or not dom.isActive():
+                raise RuntimeError(f"the demo VM did not boot; see {console}")
+            time.sleep(1)
+        return str(dom.UUIDString())
+    finally:
+        conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["build", "key"])
+    parser.add_argument("action", choices=["build", "key", "demo"])
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     if args.action == "key":
         print(recipe_key())
-        return 0
-    print(build(force=args.force).directory)
+    elif args.action == "demo":
+        print(demo_vm())
+    else:
+        print(build(force=args.force).directory)
     return 0
 
 

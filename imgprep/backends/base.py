@@ -69,6 +69,7 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     default_script: ClassVar[str]  # path under operator_scripts/
+    default_compression: ClassVar[str] = "zstd"
     poll_interval: ClassVar[float] = 1.0
 
     def __init__(self, config: Config, engine: Engine) -> None:

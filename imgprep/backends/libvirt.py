@@ -40,6 +40,8 @@ T = TypeVar("T")
 CHECKPOINT_PREFIX = "imgprep-pre-prepare-"
 MAX_SERIAL_PORTS = 4  # ISA serial: ttyS0..ttyS3
 ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
+# libvirt prints every error to stderr by default; ours are raised and reported once.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 # libvirt error codes that mean "the connection or daemon went away": retry.
 _TRANSIENT_CODES = {
@@ -169,10 +171,8 @@ class LibvirtBackend(Backend):
             uuidlib.UUID(vm)
             dom = conn.lookupByUUIDString(vm)
         except (ValueError, libvirt.libvirtError):
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 dom = conn.lookupByName(vm)
-            except libvirt.libvirtError:
-                pass
         if dom is None:
             raise InvalidInput(f"no VM {vm!r} at {self.config.libvirt_uri}", code="VmNotFound")
         problems: list[str] = []

@@ -130,7 +130,7 @@ def prototype(guest_image: GuestImage, libvirt_uri: str, request: pytest.Fixture
     disk = workdir / "disk.qcow2"
     shutil.copyfile(guest_image.disk, disk)
     console = workdir / "console.log"
-    dom = conn.defineXML(domain_xml(name, disk, guest_image, console))
+    dom = conn.defineXML(domain_xml(name, disk, image=guest_image, console_log=console))
     proto = Prototype(name, dom.UUIDString(), disk, console, conn)
     yield proto
     try:

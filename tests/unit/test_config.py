@@ -79,7 +79,7 @@ def test_every_key_is_parsed(tmp_path: Path) -> None:
 def test_defaults() -> None:
     config = Config(state_dir=Path("/x"))
     assert config.libvirt_uri == "qemu:///system"
-    assert config.compression == "zstd"
+    assert config.compression is None  # the backend decides: libvirt zstd, smartos gzip
     assert config.timeouts == Timeouts(300.0, 300.0, 300.0, 300.0)
     assert config.force_stop is False
     assert config.script is None

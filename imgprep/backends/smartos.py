@@ -1,0 +1,563 @@
+"""SmartOS backend: a zone on a compute node reached over SSH, prepared by an early SMF service.
+
+The same chain as every backend (``Backend.chain``), with these hooks:
+
+* validate: ``vmadm get`` (brand, state, datasets, origin image), the node's
+  snapshots (an earlier job's leftovers make the VM busy), ``imgadm get`` of the
+  origin image for the fields imgadm inherits, ``sysinfo`` for ``min_platform``;
+* stop: ``vmadm stop`` (``-F`` only with ``--force-stop``);
+* checkpoint: ``zfs snapshot -o imgprep:job=<job> <ds>@imgprep-pre-prepare-<job8>`` of
+  the zone dataset and each delegated dataset. The user property marks the snapshot
+  as this job's, so cleanup never destroys a snapshot it did not make;
+* inject: the SMF manifest, its method, the operator script and the ``armed`` file,
+  written under the zone root (``<zonepath>/root``) by a constant remote ``sh``
+  script that refuses to follow symlinks (the zone root is the guest's: a planted
+  symlink must not redirect a write as global-zone root); then
+  ``vmadm update`` removes ``prepare-image:state``/``prepare-image:error`` from the
+  customer metadata, as imgadm does;
+* boot: ``vmadm start``; svc.startd imports the manifest and runs the method right
+  after ``filesystem/minimal``, before ``filesystem/local`` and every application
+  (docs/smartos-guest.md); the method reports through ``mdata-put`` and halts;
+* poll: ``vmadm get`` -> ``customer_metadata`` and ``state``;
+* export: ``zfs snapshot <ds>@final`` (also marked), then ``zfs send`` of it streamed
+  back over SSH, compressed and hashed on the fly (gzip, xz or none: what IMGAPI and
+  ``imgadm import`` read; zstd is refused at validation);
+* restore: force-stop the prepare boot if it still runs, destroy our ``@final``,
+  ``zfs rollback`` every checkpoint (never ``-r``: a newer snapshot that is not ours
+  stops the rollback rather than being destroyed), destroy the checkpoints, restart.
+
+Customer metadata lives in ``<zonepath>/config`` on the zone dataset, so the rollback
+restores it too.
+
+bhyve and kvm VMs are refused: their disks are zvols holding a guest filesystem the
+global zone must not mount, so the early service cannot be placed safely from here
+(docs/smartos-backend.md). lx zones are refused too: they run a Linux init, not
+SMF, and imgprep has no lx guest side yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imgprep import artifacts
+from imgprep.backends.base import Backend, CreateRequest, StopTimeout, VmFacts
+from imgprep.channel import STATES, GuestStatus
+from imgprep.errors import CommandError, ImgprepError, InvalidInput, TransientError, VmBusy
+from imgprep.export import STREAM_COMPRESSIONS, CompressingWriter, ExportResult
+from imgprep.ssh import SshClient, SshTarget
+
+log = logging.getLogger(__name__)
+
+ZONE_BRANDS = ("joyent", "joyent-minimal")
+REFUSED_BRANDS = {
+    "bhyve": "bhyve VMs are not supported by the SmartOS backend: the early-boot service would have to be "
+    "written into the guest filesystem inside a zvol, which the global zone must not mount",
+    "kvm": "kvm VMs are not supported by the SmartOS backend: the early-boot service would have to be "
+    "written into the guest filesystem inside a zvol, which the global zone must not mount",
+    "lx": "lx zones are not supported yet: they run a Linux init, not SMF, so imgprep's early SMF service "
+    "cannot run there",
+}
+CHECKPOINT_PREFIX = "imgprep-pre-prepare-"
+FINAL_SNAPNAME = "final"  # what imgadm names the image snapshot (origins of incremental images need it)
+JOB_PROPERTY = "imgprep:job"  # ZFS user property marking the snapshots a job made
+STATE_KEY = "prepare-image:state"
+ERROR_KEY = "prepare-image:error"
+FILE_SUFFIX = {"none": ".zfs", "gzip": ".zfs.gz", "xz": ".zfs.xz"}
+
+# Paths relative to the zone root (docs/smartos-guest.md).
+MANIFEST_IN_ZONE = "var/svc/manifest/site/imgprep-operator-script.xml"
+METHOD_IN_ZONE = "var/svc/method/imgprep-operator-script"
+STATE_DIR_IN_ZONE = "var/imgprep"
+ARMED_IN_ZONE = "var/imgprep/armed"
+SCRIPT_IN_ZONE = "var/imgprep/operator-script"
+
+# What imgadm copies from the origin image's manifest (imgadm.js createImage).
+INHERITED_FIELDS = (
+    "type",
+    "os",
+    "requirements",
+    "users",
+    "billing_tags",
+    "traits",
+    "generate_passwords",
+    "inherited_directories",
+    "nic_driver",
+    "disk_driver",
+    "cpu_type",
+    "image_size",
+)
+
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_SEND_SIZE_RE = re.compile(r"^size\s+(\d+)\s*$", re.MULTILINE)
+
+# Remote scripts are constants; only their positional arguments vary, and those are
+# quoted like every other argument. POSIX sh (illumos /bin/sh is ksh93).
+#
+# write: $1 zone root, $2 path relative to it, $3 octal mode; the content on stdin.
+# Creates missing directories (0755), refuses any existing component that is a symlink
+# or not a directory, and a target that is a symlink or not a regular file.
+_WRITE_SCRIPT = r"""set -eu
+root=$1 rel=$2 mode=$3
+fail() { printf 'imgprep: %s\n' "$*" >&2; exit 3; }
+[ -d "$root" ] && [ ! -L "$root" ] || fail "zone root $root is not a directory"
+case /$rel/ in */../* | */./* | //*) fail "bad path $rel" ;; esac
+cur=$root
+dir=${rel%/*}
+[ "$dir" = "$rel" ] && dir=
+set -f
+oldifs=$IFS
+IFS=/
+for part in $dir; do
+    IFS=$oldifs
+    [ -n "$part" ] || continue
+    cur=$cur/$part
+    [ -L "$cur" ] && fail "refusing to write through the symlink $cur"
+    [ -e "$cur" ] || mkdir -m 0755 "$cur"
+    [ -d "$cur" ] || fail "$cur is not a directory"
+done
+IFS=$oldifs
+target=$cur/${rel##*/}
+if [ -L "$target" ] || { [ -e "$target" ] && [ ! -f "$target" ]; }; then
+    fail "refusing to replace $target: not a regular file"
+fi
+rm -f "$target"
+(umask 077 && set -C && cat >"$target")
+chmod "$mode" "$target"
+"""
+# present: prints each argument that exists (a dangling symlink counts).
+_PRESENT_SCRIPT = r"""for p; do
+    if [ -e "$p" ] || [ -L "$p" ]; then printf '%s\n' "$p"; fi
+done
+"""
+
+
+def _is_uuid(text: str) -> bool:
+    return bool(_UUID_RE.match(text))
+
+
+def parse_guest_error(raw: str | None) -> tuple[str | None, str | None]:
+    """``prepare-image:error`` -> (one-line detail, output tail).
+
+    imgprep's method writes a JSON object (docs/smartos-guest.md); classic
+    prepare-image scripts write free text, shown as is.
+    """
+    if raw is None:
+        return None, None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw.strip(), None
+    if not isinstance(data, dict):
+        return raw.strip(), None
+    message = str(data.get("message") or "no message")
+    tail = data.get("output_tail")
+    tail_text = str(tail) if tail else None
+    if tail_text:
+        last = [line for line in tail_text.splitlines() if line.strip()][-3:]
+        message += "; last output: " + " | ".join(last)
+    return message, tail_text
+
+
+class SmartosBackend(Backend):
+    name = "smartos"
+    default_script = "operator_scripts/smartos-prepare-image"
+    default_compression = "gzip"  # what imgadm and IMGAPI read
+
+    accept_new_host_key: bool = False  # set by the CLI's --accept-new-host-key
+    _ssh: SshClient | None = None
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _target(self) -> SshTarget:
+        saved = self.state.get("ssh")
+        if saved:  # recover: the node the job used, never a new host key
+            return SshTarget(**{**saved, "accept_new_host_key": False})
+        host = self.params.get("host")
+        if not host:
+            raise InvalidInput("--host is required with --backend smartos")
+        return SshTarget.resolve(host, self.config.hosts)
+
+    def _client(self) -> SshClient:
+        if self._ssh is None:
+            self._ssh = SshClient(self._target(), accept_new_host_key=self.accept_new_host_key)
+        return self._ssh
+
+    def _run(
+        self, argv: Sequence[str], *, input: bytes | None = None, allowed: Sequence[int] = (0,)
+    ) -> subprocess.CompletedProcess[str]:
+        return self._client().run(argv, input=input, allowed=allowed)
+
+    def _json(self, argv: Sequence[str]) -> Any:
+        out = self._run(argv).stdout
+        try:
+            return json.loads(out)
+        except ValueError:
+            raise ImgprepError(f"{' '.join(argv)}: the node answered non-JSON output", code="BadNodeOutput") from None
+
+    @property
+    def _uuid(self) -> str:
+        return str(self.state["vm_uuid"])
+
+    @property
+    def _zone(self) -> dict[str, Any]:
+        zone: dict[str, Any] = self.state["zone"]
+        return zone
+
+    def _vm(self) -> dict[str, Any]:
+        vm: dict[str, Any] = self._json(["vmadm", "get", self._uuid])
+        return vm
+
+    def _snapshots(self, dataset: str) -> dict[str, str]:
+        """Snapshots of ``dataset``: short name -> value of imgprep:job (``-`` if unset)."""
+        out = self._run(["zfs", "list", "-H", "-t", "snapshot", "-o", f"name,{JOB_PROPERTY}", "-d", "1", dataset])
+        snaps: dict[str, str] = {}
+        for line in out.stdout.splitlines():
+            name, _, job = line.partition("\t")
+            if "@" in name:
+                snaps[name.split("@", 1)[1]] = job.strip() or "-"
+        return snaps
+
+    def _snapshot(self, full_name: str) -> None:
+        self._run(["zfs", "snapshot", "-o", f"{JOB_PROPERTY}={self.record['uuid']}", full_name])
+
+    def _ours(self, snaps: dict[str, str], name: str) -> bool:
+        """Whether snapshot ``name`` exists and this job made it; refuses a foreign one."""
+        if name not in snaps:
+            return False
+        if snaps[name] != self.record["uuid"]:
+            raise ImgprepError(
+                f"snapshot @{name} exists but was not made by this job ({JOB_PROPERTY}={snaps[name]}); "
+                "leaving it alone",
+                code="SnapshotConflict",
+            )
+        return True
+
+    def _wait_state(self, wanted: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._vm().get("state") == wanted:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            self.engine.cancel.sleep(min(self.poll_interval, 1.0))
+
+    def _zone_root(self) -> str:
+        return f"{self._zone['zonepath']}/root"
+
+    def _write_zone_file(self, rel: str, data: bytes, mode: str) -> None:
+        self._run(["/bin/sh", "-c", _WRITE_SCRIPT, "imgprep-write", self._zone_root(), rel, mode], input=data)
+
+    def _present_in_zone(self, rels: Sequence[str]) -> list[str]:
+        paths = [f"{self._zone_root()}/{rel}" for rel in rels]
+        out = self._run(["/bin/sh", "-c", _PRESENT_SCRIPT, "imgprep-present", *paths]).stdout
+        return [line for line in out.splitlines() if line]
+
+    # --- validate -----------------------------------------------------------------------
+
+    def validate(self) -> VmFacts:
+        target = self._target()
+        if self._ssh is not None:  # the chain validates again: one connection at a time
+            self._ssh.close()
+        self._ssh = SshClient(target, accept_new_host_key=self.accept_new_host_key)
+        try:
+            return self._validate(target)
+        except TransientError as exc:
+            raise InvalidInput(f"cannot use compute node {target}: {exc.message}", code="NodeUnreachable") from None
+
+    def _validate(self, target: SshTarget) -> VmFacts:
+        self._client().connect()  # the host key is checked here, before any command
+        vm_arg = self.params["vm"]
+        uuid = vm_arg
+        if not _is_uuid(vm_arg):
+            try:
+                uuid = self._run(["vmadm", "lookup", "-1", f"alias={vm_arg}"]).stdout.strip()
+            except CommandError:
+                raise InvalidInput(f"no VM with alias {vm_arg!r} on {target.host}", code="VmNotFound") from None
+        try:
+            vm: dict[str, Any] = self._json(["vmadm", "get", uuid])
+        except CommandError:
+            raise InvalidInput(f"no VM {vm_arg!r} on {target.host}", code="VmNotFound") from None
+        name = str(vm.get("alias") or uuid)
+        brand = str(vm.get("brand"))
+        if brand in REFUSED_BRANDS:
+            raise InvalidInput(f"VM {name} (brand {brand}): {REFUSED_BRANDS[brand]}", code="NotSupported")
+        problems: list[str] = []
+        if brand not in ZONE_BRANDS:
+            problems.append(f"VM {name} has brand {brand!r}; the SmartOS backend prepares {', '.join(ZONE_BRANDS)}")
+        state = vm.get("state")
+        if state not in ("running", "stopped"):
+            problems.append(f"VM {name} is {state!r}; it must be running or stopped")
+        dataset = vm.get("zfs_filesystem")
+        zonepath = vm.get("zonepath")
+        if not dataset or not zonepath:
+            problems.append(f"VM {name}: vmadm reports no zfs_filesystem/zonepath")
+        compression = self.params["compression"]
+        if compression not in STREAM_COMPRESSIONS:
+            problems.append(
+                f"compression {compression} is not available for SmartOS images: IMGAPI and imgadm import read "
+                f"{', '.join(STREAM_COMPRESSIONS)} (and bzip2); pass --compression gzip"
+            )
+        datasets = [str(dataset), *[str(d) for d in vm.get("datasets") or []]] if dataset else []
+        for ds in datasets:
+            snaps = self._snapshots(ds)
+            for snap, job in snaps.items():
+                if snap.startswith(CHECKPOINT_PREFIX) or (job not in ("-", "") and job != self.record["uuid"]):
+                    raise VmBusy(
+                        f"VM {name} still has snapshot {ds}@{snap} from imgprep job {job}; "
+                        "run `imgprep jobs list` and `imgprep jobs recover JOB_UUID`"
+                    )
+            if ds == dataset and FINAL_SNAPNAME in snaps and snaps[FINAL_SNAPNAME] != self.record["uuid"]:
+                problems.append(
+                    f"{ds}@{FINAL_SNAPNAME} already exists (left by imgadm create?); imgprep names the image "
+                    "snapshot @final and will not rename or destroy yours: remove or rename it first"
+                )
+        if dataset and not problems:
+            out = self._run(["zfs", "list", "-H", "-p", "-o", "referenced", str(dataset)]).stdout.strip()
+            need = int(out) if out.isdigit() else 0
+            output_dir = Path(self.params["output_dir"])
+            try:
+                free = shutil.disk_usage(output_dir).free
+            except OSError:
+                free = None
+            if free is not None and free < need:
+                problems.append(
+                    f"not enough free space in {output_dir}: the image may need {need // 2**20} MiB "
+                    f"(uncompressed), {free // 2**20} MiB free"
+                )
+        if problems:
+            raise InvalidInput(problems)
+        learned = self._learn(vm, brand)
+        self.state["ssh"] = {**target.to_dict(), "accept_new_host_key": False}
+        self.state["zone"] = {
+            "brand": brand,
+            "zonepath": str(zonepath),
+            "zfs_filesystem": str(dataset),
+            "datasets": datasets,
+        }
+        return VmFacts(str(vm.get("uuid") or uuid), name, state == "running", learned)
+
+    def _learn(self, vm: dict[str, Any], brand: str) -> dict[str, Any]:
+        """Manifest fields: the origin image's inherited ones (as imgadm), type, min_platform."""
+        learned: dict[str, Any] = {"type": "zone-dataset", "os": "smartos"}
+        origin = vm.get("image_uuid")
+        if origin:
+            try:
+                info = self._json(["imgadm", "get", str(origin)])
+            except CommandError as exc:
+                log.warning("origin image %s is not installed on the node (%s): nothing inherited", origin, exc)
+            else:
+                manifest = info.get("manifest", {}) if isinstance(info, dict) else {}
+                for field in INHERITED_FIELDS:
+                    value = manifest.get(field)
+                    if value is not None and value != []:
+                        learned[field] = value
+        requirements = dict(learned.get("requirements") or {})
+        if brand == "lx":
+            learned["type"] = "lx-dataset"
+            requirements["brand"] = "lx"
+        # imgadm: a SmartOS image's binaries need at least the platform they were built on
+        try:
+            sysinfo = self._json(["sysinfo"])
+        except CommandError as exc:
+            log.warning("sysinfo failed (%s): no requirements.min_platform", exc)
+        else:
+            if isinstance(sysinfo, dict) and sysinfo.get("SDC Version") and sysinfo.get("Live Image"):
+                requirements["min_platform"] = {str(sysinfo["SDC Version"]): str(sysinfo["Live Image"])}
+        if requirements:
+            learned["requirements"] = requirements
+        return learned
+
+    # --- the chain ------------------------------------------------------------------------
+
+    def stop_vm(self) -> None:
+        vm = self._vm()
+        self.state.setdefault("was_running", vm.get("state") == "running")
+        self.mark_touched()
+        if vm.get("state") == "stopped":
+            return
+        log.info("stopping zone %s", self.state["vm_name"])
+        try:
+            self._run(["vmadm", "stop", self._uuid])
+        except CommandError as exc:
+            log.warning("vmadm stop: %s", exc.message)
+        if self._wait_state("stopped", self.config.timeouts.stop):
+            return
+        if not self.config.force_stop:
+            raise StopTimeout(
+                f"zone {self.state['vm_name']} did not stop within {self.config.timeouts.stop:.0f}s; "
+                "rerun with --force-stop to halt it"
+            )
+        log.warning("zone did not stop in %.0fs; halting it (vmadm stop -F)", self.config.timeouts.stop)
+        self._run(["vmadm", "stop", "-F", self._uuid])
+        if not self._wait_state("stopped", 60):
+            raise StopTimeout(f"zone {self.state['vm_name']} did not halt")
+
+    def checkpoint(self) -> None:
+        name = CHECKPOINT_PREFIX + self.record["uuid"][:8]
+        datasets = list(self._zone["datasets"])
+        self.state["checkpoint"] = {"name": name, "datasets": datasets}
+        self.persist()  # before creating them: recover must know the names
+        if self._vm().get("state") != "stopped":
+            raise ImgprepError("the zone is running; refusing to checkpoint it", code="VmRunning")
+        for ds in datasets:
+            if not self._ours(self._snapshots(ds), name):
+                self._snapshot(f"{ds}@{name}")
+
+    def inject(self, request: CreateRequest) -> None:
+        if self._vm().get("state") != "stopped":
+            raise ImgprepError("the zone is running; refusing to write into its root", code="VmRunning")
+        armed = f"IMGPREP_SCRIPT_TIMEOUT={int(self.config.timeouts.prepare)}\n"
+        files = [
+            (SCRIPT_IN_ZONE, request.script, "0700"),
+            (METHOD_IN_ZONE, artifacts.artifact("smf/imgprep-operator-script").read_bytes(), "0755"),
+            (MANIFEST_IN_ZONE, artifacts.artifact("smf/imgprep-operator-script.xml").read_bytes(), "0444"),
+            # last: a partial injection is never armed
+            (ARMED_IN_ZONE, armed.encode(), "0600"),
+        ]
+        self.state["injected"] = [rel for rel, _, _ in files]
+        self.persist()
+        for rel, data, mode in files:
+            self._write_zone_file(rel, data, mode)
+        # The contract's keys must start empty (imgadm does the same before its boot).
+        update = {"remove_customer_metadata": [STATE_KEY, ERROR_KEY]}
+        self._run(["vmadm", "update", self._uuid], input=json.dumps(update).encode())
+
+    def boot_prepare(self) -> None:
+        vm = self._vm()
+        if self.state.get("prepare_boot"):
+            # a retry after a dropped connection: did the first attempt boot it?
+            metadata = vm.get("customer_metadata") or {}
+            if vm.get("state") == "running" or metadata.get(STATE_KEY):
+                return
+        elif vm.get("state") != "stopped":
+            raise ImgprepError("the zone is running before the prepare boot", code="VmRunning")
+        self.state["prepare_boot"] = True
+        self.persist()
+        log.info("starting the prepare boot of zone %s", self.state["vm_name"])
+        self._run(["vmadm", "start", self._uuid])
+
+    def poll_guest(self) -> tuple[GuestStatus, bool]:
+        vm = self._vm()
+        metadata = vm.get("customer_metadata") or {}
+        state = metadata.get(STATE_KEY)
+        if state is not None and state not in STATES:
+            log.warning("ignoring unknown %s value %r", STATE_KEY, state)
+            state = None
+        seen = list(self.status.seen_states)
+        if state is not None and (not seen or seen[-1] != state):
+            seen.append(state)
+        error, tail = parse_guest_error(metadata.get(ERROR_KEY))
+        status = GuestStatus(state=state, error=error, log=tail, seen_states=seen)
+        return status, vm.get("state") == "stopped"
+
+    def export(self) -> ExportResult:
+        dataset = self._zone["zfs_filesystem"]
+        if self._vm().get("state") != "stopped":
+            raise ImgprepError("the zone is not stopped; refusing to snapshot it", code="VmRunning")
+        leftovers = self._present_in_zone([MANIFEST_IN_ZONE, METHOD_IN_ZONE, STATE_DIR_IN_ZONE])
+        if leftovers:
+            raise ImgprepError(
+                f"the prepare boot left imgprep files in the zone: {', '.join(leftovers)}; not imaging it",
+                code="PrepareImageError",
+            )
+        snap = f"{dataset}@{FINAL_SNAPNAME}"
+        self.state["final_snapshot"] = snap
+        self.persist()  # before creating it: the rollback must destroy it
+        if not self._ours(self._snapshots(dataset), FINAL_SNAPNAME):
+            self._snapshot(snap)
+        estimate = self._send_size(snap)
+        compression = self.params["compression"]
+        out_dir = Path(self.params["output_dir"])
+        dest = out_dir / f"{self.params['image_uuid']}{FILE_SUFFIX[compression]}"
+        partial = out_dir / f".{dest.name}.partial"
+        received = 0
+        last = -1
+
+        t0 = time.monotonic()
+        with partial.open("wb") as f:
+            writer = CompressingWriter(f, compression)
+
+            def sink(data: bytes) -> None:
+                nonlocal received, last
+                self.engine.cancel.check()
+                writer.write(data)
+                received += len(data)
+                pct = min(99.0, 100.0 * received / estimate) if estimate else 0.0
+                if int(pct) != last:
+                    last = int(pct)
+                    self.emit({"event": "progress", "step": "export", "percent": round(pct, 1)})
+
+            self._client().run_stream(["zfs", "send", snap], sink)
+            size, sha1, sha256 = writer.finish()
+            f.flush()
+            os.fsync(f.fileno())
+        partial.rename(dest)
+        self.emit({"event": "progress", "step": "export", "percent": 100.0})
+        self.state["export_seconds"] = round(time.monotonic() - t0, 3)
+        self.state["stream_bytes"] = received
+        return ExportResult(dest, size, sha1, sha256, compression, "zfs")
+
+    def _send_size(self, snap: str) -> int:
+        """``zfs send -nP``'s estimate of the stream size (for the progress bar only)."""
+        try:
+            out = self._run(["zfs", "send", "-nP", snap]).stdout
+        except CommandError as exc:
+            log.debug("no send size estimate: %s", exc)
+            return 0
+        match = _SEND_SIZE_RE.search(out)
+        return int(match.group(1)) if match else 0
+
+    def restore_disks(self) -> None:
+        if self.state.get("disks_restored") or "zone" not in self.state:
+            return
+        vm = self._vm()
+        checkpoint = self.state.get("checkpoint")
+        if vm.get("state") != "stopped":
+            if self.state.get("prepare_boot"):
+                log.info("halting the prepare boot")
+                self._run(["vmadm", "stop", "-F", self._uuid])
+                if not self._wait_state("stopped", 120):
+                    raise ImgprepError("the zone did not halt; cannot roll it back", code="VmRunning")
+            elif checkpoint and any(checkpoint["name"] in self._snapshots(ds) for ds in checkpoint["datasets"]):
+                raise ImgprepError(
+                    "the zone was started by someone else after its checkpoint; cannot roll it back while it runs",
+                    code="VmRunning",
+                )
+            else:
+                return  # no checkpoint was taken: nothing of the zone was changed
+        final = self.state.get("final_snapshot")
+        if final:
+            dataset, _, snapname = final.partition("@")
+            if self._ours(self._snapshots(dataset), snapname):
+                self._run(["zfs", "destroy", final])
+        if checkpoint:
+            for ds in checkpoint["datasets"]:
+                if self._ours(self._snapshots(ds), checkpoint["name"]):
+                    # no -r: a newer snapshot that is not ours stops us instead of being destroyed
+                    self._run(["zfs", "rollback", f"{ds}@{checkpoint['name']}"])
+        self.state["disks_restored"] = True
+        self.persist()
+
+    def delete_checkpoint(self) -> None:
+        checkpoint = self.state.get("checkpoint")
+        if not checkpoint:
+            return
+        for ds in checkpoint["datasets"]:
+            if self._ours(self._snapshots(ds), checkpoint["name"]):
+                self._run(["zfs", "destroy", f"{ds}@{checkpoint['name']}"])
+
+    def restart_vm(self) -> None:
+        if not self.state.get("was_running"):
+            return
+        if self._vm().get("state") != "running":
+            log.info("restarting zone %s", self.state["vm_name"])
+            self._run(["vmadm", "start", self._uuid])

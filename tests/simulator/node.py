@@ -1,0 +1,723 @@
+"""The compute-node simulator's global zone: ``vmadm``, ``zfs``, ``imgadm``, ``sysinfo``, ``sh``.
+
+A SIMULATION of a SmartOS compute node, for tests: no illumos, no ZFS, no zones.
+What is modelled, after the manual pages (vmadm(8), zfs(8), imgadm(8)):
+
+* ``vmadm get UUID`` prints the VM's JSON (uuid, alias, brand, state, zone_state,
+  zonename, zonepath, zfs_filesystem, zpool, image_uuid, customer_metadata,
+  internal_metadata, tags, datasets, disks for bhyve/kvm...); ``vmadm lookup -1
+  alias=NAME``; ``vmadm start``/``stop [-F]``; ``vmadm update UUID`` with a JSON payload
+  on stdin (``set_/remove_customer_metadata``, ``set_/remove_internal_metadata``).
+  States are ``running`` and ``stopped``. Metadata lives in ``<zonepath>/config/metadata.json``
+  on the zone dataset, as on SmartOS, so a rollback restores it.
+* ZFS: a dataset is a directory (its mountpoint, under the simulator's root, so
+  ``zonepath`` is a real local path); a snapshot is an exact copy of it (modes,
+  symlinks, contents; child datasets' mountpoints excluded). ``zfs list`` (-H -p -t -o
+  -d -r), ``zfs snapshot [-o prop=value]``, ``zfs rollback`` (refused while newer
+  snapshots exist unless ``-r``, and while the zone using the dataset runs: "Device
+  busy"), ``zfs destroy`` of a snapshot, ``zfs send [-nP]``. User properties
+  (``imgprep:job``) are stored per snapshot.
+* ``zfs send`` produces a byte stream that is NOT a ZFS stream: a header line, a JSON
+  line, then a tar of the snapshot (see :func:`read_send_stream`).
+* ``vmadm start`` boots the zone: a simulated svc.startd imports the manifests found in
+  the zone root (``/lib/svc/manifest``, ``/var/svc/manifest``,
+  ``/opt/local/lib/svc/manifest``), orders the instances with ``imgprep.smf_model``
+  (illumos's dependency semantics), brings them online in that order and really runs
+  every start method whose file exists in the zone (in practice imgprep's), under
+  ``/bin/sh`` with ``IMGPREP_ROOT`` set to the zone root and the fake in-zone commands
+  of :mod:`tests.simulator.fakebin` first on PATH. Services that its dependencies hold
+  do not start while a method runs; if the method halts the zone, they never start.
+  Each boot is recorded (:class:`BootRecord`).
+* ``/bin/sh`` runs locally (for the backend's constant helper scripts).
+
+Every command received is logged (:attr:`ComputeNode.commands`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, cast
+
+from imgprep.smf_model import ServiceGraph, load_manifests
+from tests.simulator.fakebin import FAKE_COMMANDS, SCRIPT
+
+REPO = Path(__file__).resolve().parents[2]
+SMF_DATA = REPO / "tests" / "data" / "smf"
+POOL = "zones"
+STREAM_MAGIC = b"IMGPREP-SIMULATED-ZFS-SEND v1\n"
+MANIFEST_DIRS = ("lib/svc/manifest", "var/svc/manifest", "opt/local/lib/svc/manifest")
+MUTATING = {
+    ("vmadm", "start"),
+    ("vmadm", "stop"),
+    ("vmadm", "update"),
+    ("zfs", "snapshot"),
+    ("zfs", "rollback"),
+    ("zfs", "destroy"),
+    ("/bin/sh", "-c"),
+}
+
+
+class Dropped(Exception):
+    """The simulator cut the connection (fault injection)."""
+
+
+class CommandFailed(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass
+class Faults:
+    """Fault injection. ``send_drops``: how many ``zfs send`` streams to cut (a large
+    number = every one); each is cut after ``send_drop_after`` bytes."""
+
+    send_drops: int = 0
+    send_drop_after: int = 256 * 1024
+
+
+@dataclasses.dataclass
+class BootRecord:
+    """One boot of a zone as the simulated svc.startd ran it."""
+
+    started: list[str] = dataclasses.field(default_factory=list)  # instances, in the order they started
+    methods: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # start methods really run
+    held: list[str] = dataclasses.field(default_factory=list)  # enabled, not started while a method ran
+    halted: bool = False  # the zone halted itself
+    ended: str = ""  # "halted", "running", "stopped by vmadm stop ..."
+
+
+@dataclasses.dataclass
+class _Zone:
+    uuid: str
+    alias: str
+    brand: str
+    state: str
+    image_uuid: str | None
+    datasets: list[str]
+    disks: list[dict[str, Any]]
+    boots: list[BootRecord] = dataclasses.field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    thread: threading.Thread | None = None
+    generation: int = 0
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    path: Path
+    props: dict[str, str]
+    order: int
+
+
+def read_send_stream(data: bytes) -> tuple[dict[str, Any], tarfile.TarFile]:
+    """Parse a simulated ``zfs send`` stream: (header, tar of the snapshot)."""
+    if not data.startswith(STREAM_MAGIC):
+        raise ValueError("not a simulated zfs send stream")
+    rest = data[len(STREAM_MAGIC) :]
+    line, _, tar = rest.partition(b"\n")
+    return json.loads(line), tarfile.open(fileobj=io.BytesIO(tar), mode="r:")
+
+
+def tree_digest(path: Path) -> str:
+    """Digest of a directory tree: names, types, modes, symlink targets, contents."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            full = Path(dirpath) / name
+            st = full.lstat()
+            h.update(f"{full.relative_to(path)}\0{st.st_mode:o}\0".encode())
+            if full.is_symlink():
+                h.update(os.readlink(full).encode())
+            elif full.is_file():
+                h.update(full.read_bytes())
+    return h.hexdigest()
+
+
+class ComputeNode:
+    """State and commands of one simulated compute node (see the module doc)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pool_dir = root / POOL
+        self.snap_dir = root / ".snapshots"
+        self.run_dir = root / "run"
+        self.fakebin = root / "fakebin"
+        for d in (self.pool_dir, self.snap_dir, self.run_dir, self.fakebin):
+            d.mkdir(parents=True, exist_ok=True)
+        script = SCRIPT.format(python=sys.executable)
+        for name in FAKE_COMMANDS:
+            path = self.fakebin / name
+            path.write_text(script)
+            path.chmod(0o755)
+        self.zones: dict[str, _Zone] = {}
+        self.datasets: dict[str, Path] = {POOL: self.pool_dir}
+        self.snapshots: dict[str, _Snapshot] = {}
+        self.images: dict[str, dict[str, Any]] = {}
+        self.commands: list[list[str]] = []
+        self.faults = Faults()
+        self.sysinfo = {"SDC Version": "7.0", "Live Image": "20250101T000000Z", "Hostname": "simulated-cn"}
+        self._lock = threading.RLock()
+        self._order = 0
+
+    # --- test-side API ------------------------------------------------------------------
+
+    def add_image(self, manifest: dict[str, Any]) -> None:
+        self.images[manifest["uuid"]] = manifest
+
+    def create_zone(
+        self,
+        *,
+        alias: str,
+        brand: str = "joyent",
+        image_uuid: str | None = None,
+        files: dict[str, bytes] | None = None,
+        running: bool = False,
+        delegated: bool = False,
+    ) -> str:
+        """A zone whose root holds the base system's SMF manifests plus ``files``."""
+        uuid = str(uuidlib.uuid4())
+        dataset = f"{POOL}/{uuid}"
+        zonepath = self.pool_dir / uuid
+        (zonepath / "config").mkdir(parents=True)
+        (zonepath / "config" / "metadata.json").write_text(
+            json.dumps({"customer_metadata": {}, "internal_metadata": {}}, indent=2, sort_keys=True)
+        )
+        root = zonepath / "root"
+        for rel in ("var/run", "var/svc/log", "tmp", "var/tmp", "etc", "root"):
+            (root / rel).mkdir(parents=True, exist_ok=True)
+        for manifest in sorted(SMF_DATA.glob("*.xml")):
+            where = "opt/local/lib/svc/manifest" if manifest.name.startswith("application-") else "lib/svc/manifest"
+            (root / where).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(manifest, root / where / manifest.name)
+        for rel, content in (files or {}).items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        self.datasets[dataset] = zonepath
+        datasets = []
+        if delegated:
+            data = f"{dataset}/data"
+            (zonepath / "data").mkdir()
+            (zonepath / "data" / "app.db").write_text("delegated dataset content\n")
+            self.datasets[data] = zonepath / "data"
+            datasets.append(data)
+        disks = [{"zfs_filesystem": f"{dataset}-disk0", "size": 10240}] if brand in ("bhyve", "kvm") else []
+        self.zones[uuid] = _Zone(uuid, alias, brand, "stopped", image_uuid, datasets, disks)
+        if running:
+            self._start(self.zones[uuid])
+            self.wait_boot(uuid)
+        return uuid
+
+    def zonepath(self, uuid: str) -> Path:
+        return self.pool_dir / uuid
+
+    def zone_root(self, uuid: str) -> Path:
+        return self.zonepath(uuid) / "root"
+
+    def state(self, uuid: str) -> str:
+        return self.zones[uuid].state
+
+    def boots(self, uuid: str) -> list[BootRecord]:
+        return list(self.zones[uuid].boots)
+
+    def metadata(self, uuid: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.zonepath(uuid) / "config" / "metadata.json").read_text())
+        return data
+
+    def snapshot_names(self, dataset: str) -> list[str]:
+        with self._lock:
+            return sorted(
+                (n for n in self.snapshots if n.split("@")[0] == dataset), key=lambda n: self.snapshots[n].order
+            )
+
+    def smf_calls(self, uuid: str) -> list[dict[str, Any]]:
+        path = self.run_dir / uuid / "calls.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def mutating_commands(self) -> list[list[str]]:
+        return [c for c in self.commands if tuple(c[:2]) in MUTATING or (c[:1] == ["vmadm"] and "stop" in c)]
+
+    def wait_boot(self, uuid: str, timeout: float = 30) -> None:
+        """Wait until the zone's current boot has finished starting (tests only)."""
+        thread = self.zones[uuid].thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def shutdown(self) -> None:
+        for zone in list(self.zones.values()):
+            with self._lock:
+                self._kill(zone)
+            if zone.thread is not None:
+                zone.thread.join(10)
+
+    # --- command dispatch -----------------------------------------------------------------
+
+    def execute(
+        self,
+        argv: list[str],
+        stdin: Callable[[], bytes],
+        stdout: Callable[[bytes], None],
+        stderr: Callable[[bytes], None],
+        drop: Callable[[], None],
+    ) -> int:
+        """Run one command line received over SSH; returns its exit status."""
+        with self._lock:
+            self.commands.append(list(argv))
+        if not argv:
+            stderr(b"sh: empty command\n")
+            return 127
+        prog = argv[0]
+        try:
+            if prog == "vmadm":
+                out = self._vmadm(argv[1:], stdin)
+            elif prog == "zfs":
+                if argv[1:2] == ["send"] and "-nP" not in argv and "-n" not in argv:
+                    self._zfs_send(argv[2:], stdout, drop)
+                    return 0
+                out = self._zfs(argv[1:])
+            elif prog == "imgadm":
+                out = self._imgadm(argv[1:])
+            elif prog == "sysinfo":
+                out = json.dumps(self.sysinfo, indent=2) + "\n"
+            elif prog in ("sh", "/bin/sh", "/usr/bin/sh"):
+                proc = subprocess.run(["/bin/sh", *argv[1:]], input=stdin(), capture_output=True, check=False)
+                stdout(proc.stdout)
+                stderr(proc.stderr)
+                return proc.returncode
+            else:
+                stderr(f"sh: {prog}: not found\n".encode())
+                return 127
+        except CommandFailed as exc:
+            stderr(f"{exc}\n".encode())
+            return exc.code
+        stdout(out.encode())
+        return 0
+
+    # --- vmadm ------------------------------------------------------------------------------
+
+    def _zone(self, uuid: str) -> _Zone:
+        zone = self.zones.get(uuid)
+        if zone is None:
+            raise CommandFailed(f"Command failed: No such zone configured: {uuid}")
+        return zone
+
+    def _vm_json(self, zone: _Zone) -> dict[str, Any]:
+        zonepath = self.zonepath(zone.uuid)
+        md = json.loads((zonepath / "config" / "metadata.json").read_text())
+        vm: dict[str, Any] = {
+            "uuid": zone.uuid,
+            "alias": zone.alias,
+            "autoboot": zone.state == "running",
+            "brand": zone.brand,
+            "state": zone.state,
+            "zone_state": "running" if zone.state == "running" else "installed",
+            "zonename": zone.uuid,
+            "zonepath": str(zonepath),
+            "zfs_filesystem": f"{POOL}/{zone.uuid}",
+            "zpool": POOL,
+            "customer_metadata": md.get("customer_metadata", {}),
+            "internal_metadata": md.get("internal_metadata", {}),
+            "tags": {},
+            "nics": [],
+            "max_physical_memory": 1024,
+            "quota": 10,
+            "create_timestamp": "2025-01-01T00:00:00.000Z",
+        }
+        if zone.image_uuid:
+            vm["image_uuid"] = zone.image_uuid
+        if zone.datasets:
+            vm["datasets"] = list(zone.datasets)
+        if zone.disks:
+            vm["disks"] = list(zone.disks)
+        return vm
+
+    def _vmadm(self, args: list[str], stdin: Callable[[], bytes]) -> str:
+        if not args:
+            raise CommandFailed("usage: vmadm <command> ...", 2)
+        cmd, rest = args[0], args[1:]
+        with self._lock:
+            if cmd == "get" and len(rest) == 1:
+                return json.dumps(self._vm_json(self._zone(rest[0])), indent=2, sort_keys=True) + "\n"
+            if cmd == "lookup":
+                unique = "-1" in rest
+                filters = [a.split("=", 1) for a in rest if "=" in a]
+                found = [
+                    z.uuid for z in self.zones.values() if all(str(self._vm_json(z).get(k)) == v for k, v in filters)
+                ]
+                if unique and len(found) != 1:
+                    raise CommandFailed(f"Requested unique lookup but found {len(found)} results.")
+                return "".join(f"{u}\n" for u in found)
+            if cmd == "start" and len(rest) == 1:
+                zone = self._zone(rest[0])
+                if zone.state == "running":
+                    raise CommandFailed(f"Command failed: VM {zone.uuid} is already running")
+                self._start(zone)
+                return ""
+            if cmd == "stop" and rest:
+                zone = self._zone(rest[-1])
+                if zone.state != "running":
+                    raise CommandFailed(
+                        f"Command failed: VM {zone.uuid} is already not 'running' (currently: {zone.state})"
+                    )
+                self._kill(zone, "stopped by vmadm stop" + (" -F" if "-F" in rest else ""))
+                return ""
+            if cmd == "update" and len(rest) == 1:
+                zone = self._zone(rest[0])
+                payload = json.loads(stdin() or b"{}")
+                self._update_metadata(zone, payload)
+                return ""
+        raise CommandFailed(f"vmadm: unsupported in the simulator: {shlex.join(args)}", 2)
+
+    def _update_metadata(self, zone: _Zone, payload: dict[str, Any]) -> None:
+        path = self.zonepath(zone.uuid) / "config" / "metadata.json"
+        md = json.loads(path.read_text())
+        for kind in ("customer_metadata", "internal_metadata"):
+            md.setdefault(kind, {}).update(payload.get(f"set_{kind}", {}))
+            for key in payload.get(f"remove_{kind}", []):
+                md[kind].pop(key, None)
+        if "alias" in payload:
+            zone.alias = payload["alias"]
+        path.write_text(json.dumps(md, indent=2, sort_keys=True))
+
+    # --- the zone boot (a simulated svc.startd) ---------------------------------------------
+
+    def _start(self, zone: _Zone) -> None:
+        zone.state = "running"
+        zone.generation += 1
+        record = BootRecord()
+        zone.boots.append(record)
+        (self.run_dir / zone.uuid).mkdir(parents=True, exist_ok=True)
+        (self.run_dir / zone.uuid / "halted").unlink(missing_ok=True)
+        zone.thread = threading.Thread(target=self._boot, args=(zone, record, zone.generation), daemon=True)
+        zone.thread.start()
+
+    def _kill(self, zone: _Zone, why: str = "stopped") -> None:
+        """Halt the zone now: every process of it dies (vmadm stop, zone halt)."""
+        if zone.state == "running":
+            zone.state = "stopped"
+            zone.generation += 1
+            if zone.boots and not zone.boots[-1].ended:
+                zone.boots[-1].ended = why
+        if zone.proc is not None and zone.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(zone.proc.pid, signal.SIGKILL)
+
+    def _boot(self, zone: _Zone, record: BootRecord, generation: int) -> None:
+        root = self.zone_root(zone.uuid)
+        manifests = [p for d in MANIFEST_DIRS for p in sorted((root / d).rglob("*.xml")) if p.is_file()]
+        graph = load_manifests(manifests)
+        methods = _start_methods(manifests)
+        normal = graph.boot()
+        for wave in normal.waves:
+            for fmri in wave:
+                if fmri in record.started:
+                    continue
+                with self._lock:
+                    if zone.generation != generation:
+                        return
+                    record.started.append(fmri)
+                method = methods.get(fmri)
+                if method is None or not (root / method[0].lstrip("/")).is_file():
+                    continue  # no method file in the zone: online at once
+                # While the method runs, what can start is what does not need it.
+                parallel = graph.boot(pending=[fmri])
+                with self._lock:
+                    for other in parallel.order:
+                        if other not in record.started:
+                            record.started.append(other)
+                    record.held = sorted(normal.online - parallel.online - {fmri})
+                rc, halted = self._run_method(zone, fmri, method, generation)
+                record.methods.append({"fmri": fmri, "exit_status": rc, "halted": halted})
+                if halted:
+                    with self._lock:
+                        if zone.generation == generation:
+                            record.halted = True
+                            self._kill(zone, "halted")
+                    return
+        with self._lock:
+            if zone.generation == generation and not record.ended:
+                record.ended = "running"
+
+    def _run_method(self, zone: _Zone, fmri: str, method: list[str], generation: int) -> tuple[int | None, bool]:
+        root = self.zone_root(zone.uuid)
+        run = self.run_dir / zone.uuid
+        env = {
+            "PATH": f"{self.fakebin}:/usr/bin:/bin",
+            "IMGPREP_ROOT": str(root),
+            "HOME": str(root / "root"),
+            "LC_ALL": "C",
+            "SMF_FMRI": fmri,
+            "SIM_METADATA": str(self.zonepath(zone.uuid) / "config" / "metadata.json"),
+            "SIM_CALLS": str(run / "calls.jsonl"),
+            "SIM_HALTED": str(run / "halted"),
+            "SIM_ZONENAME": zone.uuid,
+        }
+        # svc.startd sends a method's output to the instance's log in the zone
+        log_path = root / "var/svc/log" / (fmri[len("svc:/") :].replace("/", "-") + ".log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(root / method[0].lstrip("/")), *method[1:]]
+        with self._lock:
+            if zone.generation != generation:
+                return None, False
+            with log_path.open("ab") as log:
+                zone.proc = subprocess.Popen(
+                    ["/bin/sh", *argv],
+                    env=env,
+                    cwd=root,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        proc = zone.proc
+        rc = proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the zone's other processes die with it
+        return rc, (run / "halted").exists()
+
+    # --- zfs -----------------------------------------------------------------------------
+
+    def _ds_path(self, name: str) -> Path:
+        path = self.datasets.get(name)
+        if path is None:
+            raise CommandFailed(f"cannot open '{name}': dataset does not exist")
+        return path
+
+    def _zone_of(self, dataset: str) -> _Zone | None:
+        return self.zones.get(dataset.split("/")[1]) if dataset.count("/") >= 1 else None
+
+    def _children(self, dataset: str) -> list[Path]:
+        return [p for n, p in self.datasets.items() if n.startswith(dataset + "/")]
+
+    def _zfs(self, args: list[str]) -> str:
+        if not args:
+            raise CommandFailed("usage: zfs <command>", 2)
+        cmd, rest = args[0], args[1:]
+        with self._lock:
+            if cmd == "list":
+                return self._zfs_list(rest)
+            if cmd == "snapshot":
+                props: dict[str, str] = {}
+                names: list[str] = []
+                it = iter(rest)
+                for a in it:
+                    if a == "-o":
+                        key, _, value = next(it).partition("=")
+                        props[key] = value
+                    else:
+                        names.append(a)
+                for name in names:
+                    ds, _, short = name.partition("@")
+                    src = self._ds_path(ds)
+                    if not short:
+                        raise CommandFailed(f"cannot create snapshot '{name}': invalid name")
+                    if name in self.snapshots:
+                        raise CommandFailed(f"cannot create snapshot '{name}': dataset already exists")
+                    dest = self.snap_dir / uuidlib.uuid4().hex
+                    skip = {c.resolve() for c in self._children(ds)}
+                    shutil.copytree(
+                        src,
+                        dest,
+                        symlinks=True,
+                        ignore=lambda d, names, skip=skip: [n for n in names if (Path(d) / n).resolve() in skip],
+                    )
+                    self._order += 1
+                    self.snapshots[name] = _Snapshot(dest, props, self._order)
+                return ""
+            if cmd == "rollback":
+                name = rest[-1] if rest else ""
+                snap = self.snapshots.get(name)
+                if snap is None:
+                    raise CommandFailed(f"cannot open '{name}': dataset does not exist")
+                ds = name.split("@")[0]
+                newer = [n for n in self.snapshot_names(ds) if self.snapshots[n].order > snap.order]
+                if newer and "-r" not in rest:
+                    raise CommandFailed(
+                        f"cannot rollback to '{name}': more recent snapshots or bookmarks exist\n"
+                        "use '-r' to force deletion of the following snapshots and bookmarks:\n" + "\n".join(newer)
+                    )
+                zone = self._zone_of(ds)
+                target = self._ds_path(ds)
+                if zone is not None and zone.state == "running":
+                    raise CommandFailed(f"cannot unmount '{target}': Device busy")
+                for n in newer:
+                    shutil.rmtree(self.snapshots.pop(n).path)
+                keep = {c.resolve() for c in self._children(ds)}
+                for entry in list(target.iterdir()):
+                    if entry.resolve() in keep:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+                shutil.copytree(snap.path, target, symlinks=True, dirs_exist_ok=True)
+                shutil.copystat(snap.path, target)
+                return ""
+            if cmd == "destroy":
+                name = rest[-1] if rest else ""
+                if "@" not in name:
+                    raise CommandFailed("the simulator only destroys snapshots", 2)
+                snap = self.snapshots.pop(name, None)
+                if snap is None:
+                    raise CommandFailed("could not find any snapshots to destroy; check snapshot names.")
+                shutil.rmtree(snap.path)
+                return ""
+            if cmd == "send":  # -nP: the estimate only
+                name = rest[-1]
+                size = len(self._send_bytes(name))
+                return f"full\t{name}\t{size}\nsize\t{size}\n"
+        raise CommandFailed(f"zfs: unsupported in the simulator: {shlex.join(args)}", 2)
+
+    def _zfs_list(self, args: list[str]) -> str:
+        header = "-H" not in args
+        columns = ["name", "used", "avail", "refer", "mountpoint"]
+        types = "filesystem"
+        depth: int | None = None
+        names: list[str] = []
+        it = iter(args)
+        for a in it:
+            if a == "-o":
+                columns = next(it).split(",")
+            elif a == "-t":
+                types = next(it)
+            elif a == "-d":
+                depth = int(next(it))
+            elif a == "-r":
+                depth = 99
+            elif a in ("-H", "-p"):
+                pass
+            else:
+                names.append(a)
+        rows: list[dict[str, str]] = []
+        for name in names or [POOL]:
+            path = self._ds_path(name)
+            if "filesystem" in types or "all" in types:
+                rows.append({"name": name, "mountpoint": str(path), "type": "filesystem"})
+            if "snapshot" in types or "all" in types:
+                if depth is None and names:
+                    continue
+                for snap in self.snapshot_names(name):
+                    rows.append({"name": snap, "mountpoint": "-", "type": "snapshot", **self.snapshots[snap].props})
+        lines = []
+        if header:
+            lines.append("\t".join(c.upper() for c in columns))
+        for row in rows:
+            path = self.snapshots[row["name"]].path if row["type"] == "snapshot" else self.datasets[row["name"]]
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            values = {"used": str(size), "referenced": str(size), "refer": str(size), "avail": str(10 * 2**30)}
+            lines.append("\t".join(row.get(c) or values.get(c) or "-" for c in columns))
+        return "".join(line + "\n" for line in lines)
+
+    def _send_bytes(self, name: str) -> bytes:
+        snap = self.snapshots.get(name)
+        if snap is None:
+            raise CommandFailed(f"cannot open '{name}': dataset does not exist")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+            for dirpath, dirnames, filenames in os.walk(snap.path):
+                dirnames.sort()
+                for entry in sorted(dirnames + filenames):
+                    full = Path(dirpath) / entry
+                    info = tar.gettarinfo(str(full), arcname=str(full.relative_to(snap.path)))
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = "root"
+                    if info.isfile():
+                        with full.open("rb") as f:
+                            tar.addfile(info, f)
+                    else:
+                        tar.addfile(info)
+        header = json.dumps({"snapshot": name, "simulated": True}).encode() + b"\n"
+        return STREAM_MAGIC + header + buf.getvalue()
+
+    def _zfs_send(self, args: list[str], stdout: Callable[[bytes], None], drop: Callable[[], None]) -> None:
+        with self._lock:
+            data = self._send_bytes(args[-1])
+            cut = self.faults.send_drops > 0
+            if cut:
+                self.faults.send_drops -= 1
+        for offset in range(0, len(data), 64 * 1024):
+            if cut and offset >= self.faults.send_drop_after:
+                drop()
+                raise Dropped(f"zfs send cut after {offset} bytes")
+            stdout(data[offset : offset + 64 * 1024])
+
+    # --- imgadm ----------------------------------------------------------------------------
+
+    def _imgadm(self, args: list[str]) -> str:
+        if args[:1] == ["get"] and len(args) == 2:
+            manifest = self.images.get(args[1])
+            if manifest is None:
+                raise CommandFailed(
+                    f'imgadm get: error (ImageNotInstalled): image "{args[1]}" was not found on zpool "{POOL}"'
+                )
+            return json.dumps({"manifest": manifest, "zpool": POOL, "source": "https://images.example"}) + "\n"
+        raise CommandFailed(f"imgadm: unsupported in the simulator: {shlex.join(args)}", 2)
+
+
+def _start_methods(manifests: list[Path]) -> dict[str, list[str]]:
+    """Instance FMRI -> start method argv (``%m`` expanded), from the manifests' exec_method."""
+    methods: dict[str, list[str]] = {}
+    for path in manifests:
+        root = ET.parse(path).getroot()
+        for service in root.iter("service"):
+            name = service.get("name", "")
+            start = _exec_start(service)
+            instances = [i.get("name", "") for i in service.findall("instance")]
+            if service.find("create_default_instance") is not None:
+                instances.append("default")
+            for inst in instances:
+                inst_elem = next((i for i in service.findall("instance") if i.get("name") == inst), None)
+                exec_line = (_exec_start(inst_elem) if inst_elem is not None else None) or start
+                if exec_line and not exec_line.startswith(":"):
+                    methods[f"svc:/{name}:{inst}"] = [w.replace("%m", "start") for w in shlex.split(exec_line)]
+    return methods
+
+
+def _exec_start(elem: ET.Element) -> str | None:
+    for method in elem.findall("exec_method"):
+        if method.get("name") == "start":
+            return method.get("exec")
+    return None
+
+
+def open_stream(path: Path) -> IO[bytes]:
+    """Open an exported image file whatever its compression (.zfs, .zfs.gz, .zfs.xz)."""
+    import gzip
+    import lzma
+
+    if path.name.endswith(".gz"):
+        return cast(IO[bytes], gzip.open(path, "rb"))
+    if path.name.endswith(".xz"):
+        return cast(IO[bytes], lzma.open(path, "rb"))
+    return path.open("rb")
+
+
+__all__ = [
+    "BootRecord",
+    "ComputeNode",
+    "Dropped",
+    "Faults",
+    "ServiceGraph",
+    "open_stream",
+    "read_send_stream",
+    "tree_digest",
+]
