@@ -17,6 +17,7 @@ import yaml
 from imgprep.errors import InvalidInput
 
 COMPRESSIONS = ("none", "gzip", "xz", "zstd")
+BACKENDS = ("libvirt", "smartos")
 
 
 def default_state_dir() -> Path:
@@ -54,6 +55,8 @@ class ServeConfig:
     token: str | None = None
     workers: int = 1
     image_dir: str | None = None
+    backend: str = "libvirt"  # the backend of every job the server runs (docs/api.md)
+    hosts: tuple[str, ...] = ()  # smartos: names from ``hosts:`` searched for a VM, in order; () = all of them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +146,19 @@ def _int(node: yaml.Node, key: str, problems: _Problems, minimum: int = 1) -> in
     return value
 
 
+def _host_names(node: yaml.Node, key: str, problems: _Problems) -> list[tuple[str, yaml.Node]] | None:
+    """A non-empty list of host names, each with its node (checked against ``hosts:`` later)."""
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        problems.add(node, key, "must be a non-empty list of names from hosts:")
+        return None
+    names: list[tuple[str, yaml.Node]] = []
+    for item in node.value:
+        name = _str(item, key, problems)
+        if name is not None:
+            names.append((name, item))
+    return names
+
+
 def _parse_host(name: str, node: yaml.Node, problems: _Problems) -> SmartosHost | None:
     fields = _mapping(node, f"hosts.{name}", problems)
     if fields is None:
@@ -166,6 +182,24 @@ def _parse_host(name: str, node: yaml.Node, problems: _Problems) -> SmartosHost 
     return SmartosHost(**values)
 
 
+def _check_serve_backend(
+    changes: dict[str, Any], serve_nodes: dict[str, yaml.Node], base: Config, problems: _Problems
+) -> None:
+    """``serve.hosts`` names configured hosts and goes with ``serve.backend: smartos``, which needs hosts."""
+    serve = changes.get("serve") or {}
+    hosts = changes.get("hosts")
+    known = set(base.hosts if hosts is None else hosts)
+    backend = serve.get("backend", base.serve.backend)
+    if "hosts" in serve_nodes and backend != "smartos":
+        problems.add(serve_nodes["hosts"], "serve.hosts", "only applies with serve.backend: smartos")
+    for name, node in serve.get("hosts") or []:
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            problems.add(node, "serve.hosts", f"{name!r} is not a host from hosts: (configured: {listed})")
+    if backend == "smartos" and not known and "backend" in serve_nodes:
+        problems.add(serve_nodes["backend"], "serve.backend", "smartos needs at least one compute node in hosts:")
+
+
 def load_config(path: Path, base: Config | None = None) -> Config:
     """Parse a YAML config file into a Config; raise InvalidInput listing every problem."""
     base = base or Config()
@@ -187,6 +221,7 @@ def load_config(path: Path, base: Config | None = None) -> Config:
     if top is None:
         raise InvalidInput(problems.items)
     changes: dict[str, Any] = {}
+    serve_nodes: dict[str, yaml.Node] = {}
     for key, node in top.items():
         if key in ("libvirt_uri",):
             changes[key] = _str(node, key, problems)
@@ -231,11 +266,20 @@ def load_config(path: Path, base: Config | None = None) -> Config:
                     serve[name] = _str(value_node, path_key, problems)
                 elif name == "workers":
                     serve[name] = _int(value_node, path_key, problems)
+                elif name == "backend":
+                    value = _scalar(value_node)
+                    if value not in BACKENDS:
+                        problems.add(value_node, path_key, f"must be one of {', '.join(BACKENDS)}, got {value!r}")
+                    serve[name] = value
+                elif name == "hosts":
+                    serve[name] = _host_names(value_node, path_key, problems)
                 else:
                     problems.add(value_node, path_key, "unknown key")
+                serve_nodes[name] = value_node
             changes[key] = serve
         else:
             problems.add(node, key, "unknown key")
+    _check_serve_backend(changes, serve_nodes, base, problems)
     if problems.items:
         raise InvalidInput(problems.items)
     timeouts_change = changes.pop("timeouts", None)
@@ -243,5 +287,7 @@ def load_config(path: Path, base: Config | None = None) -> Config:
         changes["timeouts"] = dataclasses.replace(base.timeouts, **timeouts_change)
     serve_change = changes.pop("serve", None)
     if serve_change:
+        if serve_change.get("hosts") is not None:
+            serve_change["hosts"] = tuple(name for name, _ in serve_change["hosts"])
         changes["serve"] = dataclasses.replace(base.serve, **serve_change)
     return dataclasses.replace(base, **changes)

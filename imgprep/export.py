@@ -74,7 +74,9 @@ def _qemu_img_convert(
     share: float,
 ) -> None:
     """Run ``qemu-img convert -p``, forwarding its percentage (scaled to ``share``)."""
-    cmd = ["qemu-img", "convert", "-p", *args]
+    # setpriv --pdeathsig: if imgprep is killed, qemu-img dies too instead of writing on
+    # into the output directory behind the back of `imgprep jobs recover`.
+    cmd = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-img", "convert", "-p", *args]
     log.debug("run: %s", shlex.join(cmd))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None

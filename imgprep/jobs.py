@@ -233,10 +233,11 @@ def recover(config: Config, job_uuid: str, *, events: EventSink | None = None) -
     if not vm_uuid or not record.get("vm_touched"):
         record.setdefault("recovery", []).append({"at": now(), "result": "nothing to do: the VM was never touched"})
         if record["execution"] in ("queued", "running") and not job_is_running(config, record):
+            last = record["chain_results"][-1]["name"] if record["chain_results"] else "start"
             record["execution"] = "failed"
             record["error"] = record.get("error") or {
                 "code": "Interrupted",
-                "message": "imgprep stopped before touching the VM",
+                "message": f"imgprep stopped during step {last} (before touching the VM)",
             }
         store.save(record)
         return record

@@ -92,19 +92,22 @@ class RetryPolicy:
     max_seconds: float = 60.0
     sleep: Callable[[float], None] = time.sleep
 
-    def call(self, name: str, fn: Callable[[], None]) -> None:
+    def call(
+        self, name: str, fn: Callable[[], None], on_retry: Callable[[int, BaseException | None], None] | None = None
+    ) -> None:
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning("step %s: transient failure (attempt %d): %s", name, state.attempt_number, error)
+            if on_retry is not None:
+                on_retry(state.attempt_number, error)
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TransientError),
             stop=tenacity.stop_after_attempt(self.attempts) | tenacity.stop_after_delay(self.max_seconds),
             wait=tenacity.wait_exponential(multiplier=0.5, max=10),
             sleep=self.sleep,
             reraise=True,
-            before_sleep=lambda state: log.warning(
-                "step %s: transient failure (attempt %d): %s",
-                name,
-                state.attempt_number,
-                state.outcome.exception() if state.outcome else "?",
-            ),
+            before_sleep=before_sleep,
         )
         retrying(fn)
 
@@ -186,8 +189,14 @@ class Engine:
         self.save()
         self.emit({"event": "step", "step": step.name, "status": "started", "chain": results_key})
         t0 = time.monotonic()
+
+        def on_retry(attempt: int, error: BaseException | None) -> None:
+            result.setdefault("retries", []).append({"attempt": attempt, "error": str(error), "at": now()})
+            self.save()
+            self.emit({"event": "retry", "step": step.name, "attempt": attempt, "error": str(error)})
+
         try:
-            self.retry.call(step.name, step.fn)
+            self.retry.call(step.name, step.fn, on_retry)
         except ImgprepError as exc:
             result["error"] = exc.as_dict()
             raise

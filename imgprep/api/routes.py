@@ -141,7 +141,8 @@ async def create_image(request: Request) -> Response:
         owner = manifest.setdefault("owner", account)
         if owner != account:
             raise invalid_parameter("owner", f"invalid owner: given owner {owner!r} does not match account {account!r}")
-    record = await _call(_service(request).create_from_vm, vm_uuid.lower(), manifest)
+    host = query.get("host")  # imgprep's own: one of the configured compute nodes (smartos)
+    record = await _call(_service(request).create_from_vm, vm_uuid.lower(), manifest, host)
     workflow_api = str(request.base_url).rstrip("/")
     return JSONResponse(
         {"image_uuid": record["params"]["image_uuid"], "job_uuid": record["uuid"]},

@@ -29,7 +29,7 @@ from imgprep.api.auth import check_exposure, parse_listen
 from imgprep.api.files import ContentMd5Cache
 from imgprep.api.queue import JobQueue, settle_previous_run
 from imgprep.api.routes import build_app
-from imgprep.api.service import Service
+from imgprep.api.service import Service, compute_nodes
 from imgprep.config import Config
 from imgprep.errors import InvalidInput
 from imgprep.jobstore import JobStore
@@ -91,6 +91,9 @@ def serve(config: Config, *, listen: str | None = None, out: TextIO | None = Non
     out = out or sys.stdout
     host, port = parse_listen(listen or config.serve.listen)
     check_exposure(host, config.serve.token)
+    backend = config.serve.backend
+    if backend == "smartos":
+        backend += f" on {', '.join(compute_nodes(config))}"
     image_dir = Path(config.serve.image_dir).expanduser() if config.serve.image_dir else config.state_dir / "images"
     store = JobStore(config.state_dir)
     try:
@@ -120,7 +123,7 @@ def serve(config: Config, *, listen: str | None = None, out: TextIO | None = Non
                 auth = "bearer token" if config.serve.token else "none (loopback only)"
                 out.write(
                     f"imgprep serve: listening on http://{shown}:{bound_port} "
-                    f"(workers: {config.serve.workers}, auth: {auth}, images: {image_dir})\n"
+                    f"(backend: {backend}, workers: {config.serve.workers}, auth: {auth}, images: {image_dir})\n"
                 )
                 out.flush()
                 server.run(sockets=[sock])

@@ -1,6 +1,11 @@
 """What the endpoints do, free of HTTP: create, list, get and delete images; read jobs.
 
-Every method is synchronous (SQLite, libvirt); the routes call them in a worker thread.
+Every method is synchronous (SQLite, libvirt, SSH); the routes call them in a worker thread.
+
+The backend of a create is the server's (``serve.backend``): IMGAPI clients cannot say
+which. With ``smartos``, the VM is looked for on the configured compute nodes
+(``serve.hosts``, else every entry of ``hosts:``), in order, with the backend's own
+validation: the first node that has the VM gets the job (docs/api.md).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from typing import Any
 
 from imgprep.api.errors import ApiError, invalid_parameter, not_found
 from imgprep.api.files import ContentMd5Cache, confined
-from imgprep.api.queue import JobQueue, LogEvents
+from imgprep.api.queue import JobQueue, LogEvents, close_backend
+from imgprep.backends.base import CreateRequest
 from imgprep.config import Config
 from imgprep.errors import InvalidInput
 from imgprep.jobs import Job, build_request, job_is_running
@@ -25,6 +31,19 @@ IMAGE_STATES = ("active", "creating", "failed", "disabled", "unactivated", "all"
 EXECUTIONS = ("queued", "running", "succeeded", "failed", "canceled")
 TASKS = ("create-from-vm", "import-remote-image")
 MAX_LIMIT = 1000
+# A compute node that could not be asked at all (not a problem of the VM): the next one is tried.
+NODE_ERRORS = frozenset({"NodeUnreachable", "HostKeyUnknown", "HostKeyChanged", "HostKeyRefused", "SshAuthFailed"})
+
+
+def compute_nodes(config: Config) -> tuple[str, ...]:
+    """The configured compute nodes a smartos server looks for VMs on, in order."""
+    names = config.serve.hosts or tuple(config.hosts)
+    unknown = [name for name in names if name not in config.hosts]
+    if unknown:
+        raise InvalidInput(f"serve.hosts: {', '.join(unknown)}: not configured in hosts:")
+    if not names:
+        raise InvalidInput("serve.backend smartos needs at least one compute node in hosts:")
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +89,72 @@ class Service:
 
     # --- create -----------------------------------------------------------------
 
-    def create_from_vm(self, vm_uuid: str, manifest: dict[str, Any]) -> Record:
-        """Validate everything (nothing touched), save the job as queued; return its record."""
+    def create_from_vm(self, vm_uuid: str, manifest: dict[str, Any], host: str | None = None) -> Record:
+        """Validate everything (nothing touched), save the job as queued; return its record.
+
+        ``host`` (imgprep's own parameter, smartos only) narrows the search to one of the
+        configured compute nodes; it can never name any other machine.
+        """
         self.queue.refuse_if_busy(vm_uuid)
-        request = build_request(self.config, vm=vm_uuid, manifest=manifest, output_dir=self.image_dir)
-        job = Job(self.config, request, store=self.store, events=LogEvents())
-        job.validate()
-        self.queue.submit(job)
+        backend = self.config.serve.backend
+        nodes: tuple[str, ...] = ()
+        if backend == "smartos":
+            nodes = compute_nodes(self.config)
+            if host is not None:
+                if host not in nodes:
+                    raise invalid_parameter("host", f"host {host!r} is not one of this server's compute nodes")
+                nodes = (host,)
+        elif host is not None:
+            raise invalid_parameter("host", f"this server's backend is {backend}; 'host' applies to smartos only")
+        request = build_request(
+            self.config,
+            vm=vm_uuid,
+            manifest=manifest,
+            output_dir=self.image_dir,
+            backend=backend,
+            host=nodes[0] if nodes else None,
+        )
+        job = self._find_vm(request, nodes) if nodes else self._validated(request)
+        try:
+            self.queue.submit(job)
+        except BaseException:
+            close_backend(job)
+            raise
         return job.record
+
+    def _validated(self, request: CreateRequest) -> Job:
+        job = Job(self.config, request, store=self.store, events=LogEvents())
+        try:
+            job.validate()
+        except BaseException:
+            close_backend(job)
+            raise
+        return job
+
+    def _find_vm(self, request: CreateRequest, nodes: tuple[str, ...]) -> Job:
+        """The job on the first node that has the VM (validated there); VmNotFound if none has it."""
+        unasked: list[str] = []
+        for node in nodes:
+            try:
+                job = self._validated(dataclasses.replace(request, host=node))
+            except InvalidInput as exc:
+                if exc.code == "VmNotFound":
+                    continue
+                if exc.code in NODE_ERRORS:
+                    log.warning("compute node %s: %s", node, exc.message)
+                    unasked.append(node)
+                    continue
+                raise
+            log.info("VM %s is on compute node %s", request.vm, node)
+            return job
+        if unasked:
+            raise ApiError(
+                503,
+                "ServiceUnavailableError",
+                f"VM {request.vm} is not on the reachable compute nodes; could not ask {', '.join(unasked)} "
+                "(see the server log)",
+            )
+        raise InvalidInput(f"no VM {request.vm} on the compute nodes {', '.join(nodes)}", code="VmNotFound")
 
     def precompute_md5(self, record: Record) -> None:
         """After a success: compute the Content-MD5 now, not during the first download."""

@@ -126,7 +126,7 @@ class Backend(abc.ABC):
 
     def onerror(self) -> list[Step]:
         return [
-            Step("discard_partial_export", self.discard_partial_export),
+            Step("discard_output", self.discard_output),
             Step("restore_disks", self.restore_disks),
             Step("delete_checkpoint", self.delete_checkpoint),
             Step("restart_vm", self.restart_vm),
@@ -170,10 +170,11 @@ class Backend(abc.ABC):
         """Manifest fields learned while preparing (e.g. the guest OS); backends extend."""
         return {}
 
-    def discard_partial_export(self) -> None:
-        """Remove half-written export files (a crash mid-export leaves them)."""
+    def discard_output(self) -> None:
+        """A job that did not succeed leaves no image: remove its (half-)written files."""
         out = Path(self.params["output_dir"])
-        for leftover in out.glob(f".{self.params['image_uuid']}*.partial"):
+        image_uuid = self.params["image_uuid"]
+        for leftover in [*out.glob(f".{image_uuid}*.partial"), *out.glob(f"{image_uuid}.*")]:
             leftover.unlink(missing_ok=True)
 
     # --- the guest wait (shared) ---------------------------------------------------

@@ -39,6 +39,7 @@ T = TypeVar("T")
 
 CHECKPOINT_PREFIX = "imgprep-pre-prepare-"
 MAX_SERIAL_PORTS = 4  # ISA serial: ttyS0..ttyS3
+SHUTDOWN_REPEAT = 15.0  # seconds between repeated ACPI shutdown requests
 ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
 # libvirt prints every error to stderr by default; ours are raised and reported once.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -56,7 +57,14 @@ _TRANSIENT_CODES = {
 def _is_transient(exc: libvirt.libvirtError) -> bool:
     code = exc.get_error_code()
     message = str(exc)
-    return code in _TRANSIENT_CODES or "client socket is closed" in message or "is busy" in message
+    # "Failed to get ... lock": a dying process (e.g. a killed job's libguestfs appliance)
+    # still holds the image lock for a moment.
+    return (
+        code in _TRANSIENT_CODES
+        or "client socket is closed" in message
+        or "is busy" in message
+        or "Failed to get" in message
+    )
 
 
 def disks_of(xml: str) -> list[dict[str, str]]:
@@ -247,15 +255,25 @@ class LibvirtBackend(Backend):
         if not self._call("query state", dom.isActive):
             return
         log.info("shutting down VM %s", self.state["vm_name"])
+        self.state["shutdown_requested"] = True
+        self.persist()
         self._call("shut down the VM", dom.shutdown)
         deadline = time.monotonic() + self.config.timeouts.stop
+        next_request = time.monotonic() + SHUTDOWN_REPEAT
         while self._call("query state", dom.isActive):
             self.engine.cancel.check()
+            if time.monotonic() >= next_request:
+                # a guest still booting drops an ACPI request (no logind yet): ask again
+                with contextlib.suppress(ImgprepError):
+                    self._call("shut down the VM", dom.shutdown)
+                next_request = time.monotonic() + SHUTDOWN_REPEAT
             if time.monotonic() >= deadline:
                 if self.config.force_stop:
                     log.warning("VM did not shut down in %.0fs; forcing it off", self.config.timeouts.stop)
                     self._call("power off the VM", dom.destroy)
                     break
+                self.state["stop_timed_out"] = True
+                self.persist()
                 raise StopTimeout(
                     f"VM {self.state['vm_name']} did not shut down within {self.config.timeouts.stop:.0f}s "
                     "(does the guest handle ACPI shutdown?); rerun with --force-stop to power it off"
@@ -355,6 +373,10 @@ class LibvirtBackend(Backend):
         self._parser = ChannelParser()
         self._offset = 0
 
+    def _shutdown_in_flight(self) -> bool:
+        s = self.state
+        return bool(s.get("shutdown_requested")) and not s.get("stop_timed_out") and not s.get("checkpoint")
+
     def _is_prepare_boot(self, dom: Any) -> bool:
         """Is the running domain our prepare boot (and not the user's restarted VM)?"""
         live = self._call("read the live definition", lambda: dom.XMLDesc(0))
@@ -421,6 +443,12 @@ class LibvirtBackend(Backend):
         if not self.state.get("was_running"):
             return
         dom = self._domain()
+        if self._call("query state", dom.isActive) and self._shutdown_in_flight():
+            # imgprep died while the guest was shutting down at its request: let the
+            # shutdown finish, then start it again (it ends as it was: running).
+            deadline = time.monotonic() + self.config.timeouts.stop
+            while self._call("query state", dom.isActive) and time.monotonic() < deadline:
+                time.sleep(1.0)
         if not self._call("query state", dom.isActive):
             log.info("restarting VM %s", self.state["vm_name"])
             self._call("restart the VM", dom.create)

@@ -191,6 +191,12 @@ class SmartosBackend(Backend):
             self._ssh = SshClient(self._target(), accept_new_host_key=self.accept_new_host_key)
         return self._ssh
 
+    def close(self) -> None:
+        """Close the SSH connection, if any (a long-running ``imgprep serve`` must not keep one per job)."""
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+
     def _run(
         self, argv: Sequence[str], *, input: bytes | None = None, allowed: Sequence[int] = (0,)
     ) -> subprocess.CompletedProcess[str]:

@@ -36,7 +36,7 @@ NODE_WORKFLOW_KEYS = {
     "elapsed",
     "timeout",
 }
-ROLLBACK = ["discard_partial_export", "restore_disks", "delete_checkpoint", "restart_vm"]
+ROLLBACK = ["discard_output", "restore_disks", "delete_checkpoint", "restart_vm"]
 
 
 def new_vm(world: Path, name: str = "proto", *, fail: str | None = None, gate: bool = False) -> str:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,31 +120,48 @@ class Prototype:
 
 
 @pytest.fixture
-def prototype(guest_image: GuestImage, libvirt_uri: str, request: pytest.FixtureRequest) -> Iterator[Prototype]:
+def make_prototype(
+    guest_image: GuestImage, libvirt_uri: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Prototype]]:
+    """Factory: a defined domain on a private copy of the guest (``extra_cmdline`` for the kernel)."""
     import libvirt
 
     conn = libvirt.open(libvirt_uri)
-    name = f"imgprep-e2e-{uuid.uuid4().hex[:8]}"
-    workdir = VM_ROOT / name
-    workdir.mkdir(parents=True, exist_ok=True)
-    disk = workdir / "disk.qcow2"
-    shutil.copyfile(guest_image.disk, disk)
-    console = workdir / "console.log"
-    dom = conn.defineXML(domain_xml(name, disk, image=guest_image, console_log=console))
-    proto = Prototype(name, dom.UUIDString(), disk, console, conn)
-    yield proto
+    made: list[tuple[Prototype, Path]] = []
+
+    def make(extra_cmdline: str = "") -> Prototype:
+        name = f"imgprep-e2e-{uuid.uuid4().hex[:8]}"
+        workdir = VM_ROOT / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        disk = workdir / "disk.qcow2"
+        shutil.copyfile(guest_image.disk, disk)
+        console = workdir / "console.log"
+        xml = domain_xml(name, disk, image=guest_image, console_log=console, extra_cmdline=extra_cmdline)
+        dom = conn.defineXML(xml)
+        proto = Prototype(name, dom.UUIDString(), disk, console, conn)
+        made.append((proto, workdir))
+        return proto
+
+    yield make
     try:
-        dom = conn.lookupByUUIDString(proto.uuid)
-        if dom.isActive():
-            dom.destroy()
-        for snap in dom.snapshotListNames():
-            dom.snapshotLookupByName(snap).delete(0)
-        dom.undefine()
+        for proto, _ in made:
+            dom = conn.lookupByUUIDString(proto.uuid)
+            if dom.isActive():
+                dom.destroy()
+            for snap in dom.snapshotListNames():
+                dom.snapshotLookupByName(snap).delete(0)
+            dom.undefine()
     finally:
         conn.close()
         report = getattr(request.node, "rep_call", None)
         if report is None or report.passed:
-            shutil.rmtree(workdir, ignore_errors=True)
+            for _, workdir in made:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def prototype(make_prototype: Callable[..., Prototype]) -> Prototype:
+    return make_prototype()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -203,3 +220,37 @@ def imgprep(state_dir: Path) -> Any:
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+# --- the reliability table -------------------------------------------------------------
+
+RELIABILITY: list[dict[str, str]] = []
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """Record a fault case's outcome for the table printed at the end of the session."""
+
+    def record(case: str, injected: str, outcome: str) -> None:
+        RELIABILITY.append({"case": case, "injected": injected, "outcome": outcome, "test": request.node.name})
+
+    return record
+
+
+def reliability_table() -> str:
+    lines = ["| case | fault injected | outcome |", "| --- | --- | --- |"]
+    lines += [f"| {r['case']} | {r['injected']} | {r['outcome']} |" for r in RELIABILITY]
+    return "\n".join(lines) + "\n"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not RELIABILITY:
+        return
+    terminalreporter.section("imgprep reliability (fault injection against the real test guest)")
+    terminalreporter.write(reliability_table())
+    out = os.environ.get("IMGPREP_RELIABILITY_OUT")
+    if out:
+        Path(out).write_text(
+            "# Reliability: last fault-injection run\n\nWritten by the end-to-end suite "
+            "(tests/e2e/test_faults.py); every row is an assertion that passed.\n\n" + reliability_table()
+        )

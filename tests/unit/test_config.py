@@ -41,6 +41,8 @@ serve:
   token: s3cret
   workers: 3
   image_dir: /srv/published
+  backend: smartos
+  hosts: [cn2, cn1]
 """
 
 
@@ -73,7 +75,14 @@ def test_every_key_is_parsed(tmp_path: Path) -> None:
         ),
         "cn2": SmartosHost(host="10.0.0.2"),
     }
-    assert config.serve == ServeConfig(listen="0.0.0.0:9000", token="s3cret", workers=3, image_dir="/srv/published")
+    assert config.serve == ServeConfig(
+        listen="0.0.0.0:9000",
+        token="s3cret",
+        workers=3,
+        image_dir="/srv/published",
+        backend="smartos",
+        hosts=("cn2", "cn1"),
+    )
 
 
 def test_defaults() -> None:
@@ -86,6 +95,8 @@ def test_defaults() -> None:
     assert config.retry_attempts == 5
     assert dict(config.hosts) == {}
     assert config.serve.listen == "127.0.0.1:8480"
+    assert config.serve.backend == "libvirt"
+    assert config.serve.hosts == ()  # smartos: every configured host
 
 
 def test_precedence_default_then_file_then_overrides(tmp_path: Path) -> None:
@@ -206,6 +217,58 @@ def test_wrong_shapes(tmp_path: Path, text: str, line: int, key: str) -> None:
     with pytest.raises(InvalidInput) as info:
         load_config(path)
     assert f"{path}:{line}: {key}" in info.value.problems
+
+
+def test_serve_backend_and_hosts_errors(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        hosts:
+          cn1: {host: 10.0.0.1}
+        serve:
+          backend: smartos
+          hosts:
+            - cn1
+            - cn9
+            - 7
+        """,
+    )
+    with pytest.raises(InvalidInput) as info:
+        load_config(path)
+    p = str(path)
+    assert sorted(info.value.problems) == sorted(
+        [
+            f"{p}:7: serve.hosts: 'cn9' is not a host from hosts: (configured: cn1)",
+            f"{p}:8: serve.hosts: must be a non-empty string, got 7",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ("serve:\n  backend: xen\n", 2, "serve.backend: must be one of libvirt, smartos, got 'xen'"),
+        ("serve:\n  backend: smartos\n", 2, "serve.backend: smartos needs at least one compute node in hosts:"),
+        ("serve:\n  hosts: []\n", 2, "serve.hosts: must be a non-empty list of names from hosts:"),
+        (
+            "hosts: {cn1: {host: a}}\nserve:\n  hosts: [cn1]\n",
+            3,
+            "serve.hosts: only applies with serve.backend: smartos",
+        ),
+    ],
+)
+def test_serve_backend_shapes(tmp_path: Path, text: str, line: int, problem: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InvalidInput) as info:
+        load_config(path)
+    assert f"{path}:{line}: {problem}" in info.value.problems
+
+
+def test_serve_smartos_without_hosts_list_means_every_host(tmp_path: Path) -> None:
+    path = write(tmp_path, "hosts:\n  cn1: {host: a}\n  cn2: {host: b}\nserve:\n  backend: smartos\n")
+    config = load_config(path)
+    assert config.serve.backend == "smartos"
+    assert config.serve.hosts == ()
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:

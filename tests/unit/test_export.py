@@ -18,7 +18,7 @@ import pytest
 from imgprep.errors import CommandError
 from imgprep.export import CompressingWriter, ExportResult, export_disk, output_name
 
-pytestmark = pytest.mark.allow_subprocess("qemu-img")
+pytestmark = pytest.mark.allow_subprocess("qemu-img", "setpriv")  # export runs qemu-img under setpriv --pdeathsig
 
 IMAGE_UUID = "5f1b7d1e-3c1a-4b7a-9a57-1a2b3c4d5e6f"
 MiB = 1024 * 1024
