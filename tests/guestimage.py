@@ -231,6 +231,7 @@ def domain_xml(
     console_log: Path,
     domain_uuid: str | None = None,
     memory_mib: int = 1024,
+    extra_cmdline: str = "",
 ) -> str:
     """libvirt XML for a software-emulated domain booting the test guest."""
     return f"""<domain type='qemu'>
@@ -242,7 +243,7 @@ def domain_xml(
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{image.kernel}</kernel>
     <initrd>{image.initrd}</initrd>
-    <cmdline>root=/dev/vda rw console=ttyS0 net.ifnames=0</cmdline>
+    <cmdline>root=/dev/vda rw console=ttyS0 net.ifnames=0 {extra_cmdline}</cmdline>
   </os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
