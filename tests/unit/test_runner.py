@@ -84,7 +84,9 @@ list-units)
     echo "imgprep-prepare.service loaded activating start imgprep early operator script"
     echo "cron.service loaded active running Regular background program processing daemon" ;;
 is-active)
-    case "$1" in multi-user.target) echo inactive ;; *) echo active ;; esac ;;
+    for unit in "$@"; do
+        case "$unit" in multi-user.target) echo inactive ;; *) echo active ;; esac
+    done ;;
 esac
 exit 0
 """
