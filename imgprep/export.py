@@ -76,7 +76,8 @@ def _qemu_img_convert(
     """Run ``qemu-img convert -p``, forwarding its percentage (scaled to ``share``)."""
     # setpriv --pdeathsig: if imgprep is killed, qemu-img dies too instead of writing on
     # into the output directory behind the back of `imgprep jobs recover`.
-    cmd = ["setpriv", "--pdeathsig", "KILL", "--", "qemu-img", "convert", "-p", *args]
+    qemu_img = ["qemu-img", "convert", "-p", *args]
+    cmd = ["setpriv", "--pdeathsig", "KILL", "--", *qemu_img]
     log.debug("run: %s", shlex.join(cmd))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
@@ -99,7 +100,7 @@ def _qemu_img_convert(
             proc.kill()
             proc.wait()
     if code != 0:
-        raise CommandError(cmd, code, "", stderr)
+        raise CommandError(qemu_img, code, "", stderr)
 
 
 def _hash_file(path: Path) -> tuple[str, str]:

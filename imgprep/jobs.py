@@ -13,7 +13,7 @@ from imgprep.backends.base import Backend, CreateRequest
 from imgprep.config import COMPRESSIONS, Config
 from imgprep.errors import ImgprepError, InvalidInput, VmBusy
 from imgprep.jobstore import JobStore, Record
-from imgprep.lock import VmLock, is_locked
+from imgprep.lock import VmLock, is_locked, lock_key
 from imgprep.manifest import validate_user_manifest
 from imgprep.workflow import (
     CancelToken,
@@ -121,10 +121,6 @@ def build_request(
         host=host,
         mode=mode,
     )
-
-
-def lock_key(backend: str, vm_uuid: str) -> str:
-    return f"{backend}-{vm_uuid}"
 
 
 def job_is_running(config: Config, record: Record) -> bool:

@@ -12,6 +12,10 @@ from pathlib import Path
 from imgprep.errors import VmBusy
 
 
+def lock_key(backend: str, vm_uuid: str) -> str:
+    return f"{backend}-{vm_uuid}"
+
+
 def _lock_path(state_dir: Path, key: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)
     return state_dir / "locks" / f"{safe}.lock"

@@ -240,9 +240,14 @@ class Engine:
             if error is None:
                 error = ImgprepError(f"{type(exc).__name__}: {exc}")
             self.record["error"] = error.as_dict()
-            self.record["execution"] = "canceled" if isinstance(error, Cancelled) else "failed"
             self.save()
-            self.run_onerror(onerror)
+            try:
+                self.run_onerror(onerror)
+            finally:
+                # like node-workflow: "running" until the onerror chain is done, so a
+                # client polling for a final state never acts while the VM is restored
+                self.record["execution"] = "canceled" if isinstance(error, Cancelled) else "failed"
+                self.save()
             if isinstance(exc, ImgprepError | KeyboardInterrupt):
                 raise error from None
             raise

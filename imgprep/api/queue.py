@@ -30,9 +30,9 @@ from typing import Any
 from imgprep.api.errors import ApiError
 from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, VmBusy
-from imgprep.jobs import Job, job_is_running, job_needs_recovery, lock_key, recover
+from imgprep.jobs import Job, job_is_running, job_needs_recovery, recover
 from imgprep.jobstore import JobStore, Record
-from imgprep.lock import is_locked
+from imgprep.lock import is_locked, lock_key
 
 log = logging.getLogger(__name__)
 MAX_WAITING = 100  # queued jobs beyond the running ones; more is refused with 503

@@ -7,6 +7,7 @@ test command and CI) a failed probe FAILS the session instead of skipping it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -74,6 +75,13 @@ class Prototype:
 
     @property
     def dom(self) -> Any:
+        import libvirt
+
+        try:
+            if not self.conn.isAlive():
+                raise libvirt.libvirtError("connection closed")
+        except libvirt.libvirtError:
+            self.conn = libvirt.open(LIBVIRT_URI)  # libvirtd was restarted (a fault test does that)
         return self.conn.lookupByUUIDString(self.uuid)
 
     def console_text(self) -> str:
@@ -145,14 +153,16 @@ def make_prototype(
     yield make
     try:
         for proto, _ in made:
-            dom = conn.lookupByUUIDString(proto.uuid)
+            dom = proto.dom
             if dom.isActive():
                 dom.destroy()
             for snap in dom.snapshotListNames():
                 dom.snapshotLookupByName(snap).delete(0)
             dom.undefine()
     finally:
-        conn.close()
+        for proto, _ in made:
+            with contextlib.suppress(libvirt.libvirtError):
+                proto.conn.close()
         report = getattr(request.node, "rep_call", None)
         if report is None or report.passed:
             for _, workdir in made:

@@ -62,7 +62,13 @@ class RunningJob:
         )
         self.events: list[dict[str, Any]] = []
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._stderr: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self._stderr.extend(self.proc.stderr)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -95,12 +101,14 @@ class RunningJob:
         )
 
     def finish(self, timeout: float = 900) -> CliResult:
-        _, stderr = self.proc.communicate(timeout=timeout)
-        while True:
-            item = self._queue.get(timeout=10)
+        self.proc.wait(timeout=timeout)
+        while True:  # the reader thread ends with None once stdout is closed
+            item = self._queue.get(timeout=30)
             if item is None:
                 break
             self.events.append(item)
+        time.sleep(0.5)  # let the stderr thread drain the closed pipe
+        stderr = "".join(self._stderr)
         sys.stderr.write(stderr)
         return CliResult(self.proc.returncode, "\n".join(json.dumps(e) for e in self.events), stderr)
 

@@ -16,9 +16,8 @@ import pytest
 import imgprep.cli
 import imgprep.jobs
 from imgprep.cli import EXIT_INVALID, EXIT_OK, main
-from imgprep.jobs import lock_key
 from imgprep.jobstore import JobStore, Record
-from imgprep.lock import VmLock
+from imgprep.lock import VmLock, lock_key
 from imgprep.workflow import new_record
 
 VM = "3a9f0c2e-5b1d-4c8e-9f7a-6d2e1b0c4a5f"

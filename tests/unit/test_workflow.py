@@ -186,6 +186,23 @@ def test_failure_at_every_chain_position_runs_the_whole_onerror_chain(position: 
     assert all(r["result"] == "OK" for r in record["onerror_results"])
 
 
+def test_execution_stays_running_until_the_onerror_chain_is_done() -> None:
+    """A client polling for a final state must not see "failed" while the VM is restored."""
+    seen: list[str] = []
+    engine = make_engine()
+
+    def observe() -> None:
+        seen.append(engine.record["execution"])
+
+    def fail() -> None:
+        raise PrepareFailed("guest said no")
+
+    with pytest.raises(PrepareFailed):
+        engine.run([Step("prepare", fail)], [Step("restore", observe), Step("restart", observe)])
+    assert seen == ["running", "running"]
+    assert engine.record["execution"] == "failed"
+
+
 def test_a_crashing_step_is_recorded_as_internal_error_and_reraised() -> None:
     rec = Recorder()
     engine = make_engine()
