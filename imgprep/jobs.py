@@ -172,7 +172,16 @@ class Job:
 
     def validate(self) -> None:
         """Check the VM (nothing touched). Raises InvalidInput."""
-        facts = self.backend.validate()
+        try:
+            facts = self.backend.validate()
+        except VmBusy:
+            # the checkpoint of a job that is still running looks like a leftover: say which
+            vm = self.request.vm
+            for other in self.store.list_jobs():
+                names = {other["params"].get("vm"), other["params"].get("vm_uuid"), other["state"].get("vm_name")}
+                if vm in names and job_is_running(self.config, other):
+                    raise VmBusy(f"VM {vm} is locked by another running imgprep job ({other['uuid']})") from None
+            raise
         self.record["params"]["vm_uuid"] = facts.uuid
         self.record["state"].update(vm_uuid=facts.uuid, vm_name=facts.name, learned=facts.learned)
         self.record["target"] = f"/vms/{facts.uuid}"

@@ -32,7 +32,6 @@ from imgprep.channel import ChannelParser, GuestStatus
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
 from imgprep.export import ExportResult, export_disk
 from imgprep.libguestfs import open_guest
-from imgprep.lock import is_locked, lock_key
 from imgprep.run import run
 
 log = logging.getLogger(__name__)
@@ -205,8 +204,6 @@ class LibvirtBackend(Backend):
                 problems.append(f"{where} is {disk['format']}; only qcow2 disks are supported")
             elif not os.access(disk["path"], os.R_OK | os.W_OK):
                 problems.append(f"{where} is not readable and writable here (imgprep must run on the VM's host)")
-        if is_locked(self.config.state_dir, lock_key(self.name, dom.UUIDString())):
-            raise VmBusy(f"VM {name} is locked by another running imgprep job")
         for snap_name in dom.snapshotListNames():
             if snap_name.startswith(CHECKPOINT_PREFIX):
                 raise VmBusy(
