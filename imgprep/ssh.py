@@ -59,15 +59,9 @@ def fingerprint(key: paramiko.PKey) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class SshTarget:
-    """Where and how to connect. ``known_hosts`` None = ``~/.ssh/known_hosts``."""
-
-    host: str
-    user: str = "root"
-    port: int = 22
-    key_file: str | None = None
-    known_hosts: str | None = None
-    accept_new_host_key: bool = False
+class SshTarget(SmartosHost):
+    """Where and how to connect (a config host entry, or parsed from ``[user@]host[:port]``).
+    ``known_hosts`` None = ``~/.ssh/known_hosts``."""
 
     @classmethod
     def parse(cls, text: str) -> SshTarget:
@@ -85,14 +79,7 @@ class SshTarget:
         """A host named in the config (``hosts:``), else ``[user@]host[:port]``."""
         entry = (hosts or {}).get(text)
         if entry is not None:
-            return cls(
-                host=entry.host,
-                user=entry.user,
-                port=entry.port,
-                key_file=entry.key_file,
-                known_hosts=entry.known_hosts,
-                accept_new_host_key=entry.accept_new_host_key,
-            )
+            return cls(**dataclasses.asdict(entry))
         return cls.parse(text)
 
     @property

@@ -13,6 +13,7 @@ import abc
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -169,6 +170,19 @@ class Backend(abc.ABC):
     def learned_after_prepare(self) -> dict[str, Any]:
         """Manifest fields learned while preparing (e.g. the guest OS); backends extend."""
         return {}
+
+    def check_free_space(self, need: int, problems: list[str]) -> None:
+        """Validation: the output directory must hold ``need`` bytes (the worst case)."""
+        output_dir = Path(self.params["output_dir"])
+        try:
+            free = shutil.disk_usage(output_dir).free
+        except OSError:
+            return  # the output directory check reports it
+        if free < need:
+            problems.append(
+                f"not enough free space in {output_dir}: the export may need {need // 2**20} MiB, "
+                f"{free // 2**20} MiB free"
+            )
 
     def discard_output(self) -> None:
         """A job that did not succeed leaves no image: remove its (half-)written files."""

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
@@ -217,7 +216,6 @@ class LibvirtBackend(Backend):
             prepare_xml(xml, Path("/dev/null"))
         except NotSupported as exc:
             problems.append(exc.message)
-        output_dir = Path(self.params["output_dir"])
         learned: dict[str, Any] = {"type": "zvol", "os": "linux"}
         if disks and not problems:
             boot = Path(disks[0]["path"])
@@ -225,16 +223,7 @@ class LibvirtBackend(Backend):
             learned["image_size"] = int(info["virtual-size"]) // (1024 * 1024)
             if disks[0]["bus"]:
                 learned["disk_driver"] = disks[0]["bus"]
-            need = allocated_bytes(boot)
-            try:
-                free = shutil.disk_usage(output_dir).free
-            except OSError:
-                free = None
-            if free is not None and free < need:
-                problems.append(
-                    f"not enough free space in {output_dir}: the export may need {need // 2**20} MiB, "
-                    f"{free // 2**20} MiB free"
-                )
+            self.check_free_space(allocated_bytes(boot), problems)
         root = ET.fromstring(xml)
         nic = root.find("./devices/interface/model")
         if nic is not None and nic.get("type"):

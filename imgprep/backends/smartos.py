@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Sequence
@@ -328,17 +327,7 @@ class SmartosBackend(Backend):
                 )
         if dataset and not problems:
             out = self._run(["zfs", "list", "-H", "-p", "-o", "referenced", str(dataset)]).stdout.strip()
-            need = int(out) if out.isdigit() else 0
-            output_dir = Path(self.params["output_dir"])
-            try:
-                free = shutil.disk_usage(output_dir).free
-            except OSError:
-                free = None
-            if free is not None and free < need:
-                problems.append(
-                    f"not enough free space in {output_dir}: the image may need {need // 2**20} MiB "
-                    f"(uncompressed), {free // 2**20} MiB free"
-                )
+            self.check_free_space(int(out) if out.isdigit() else 0, problems)
         if problems:
             raise InvalidInput(problems)
         learned = self._learn(vm, brand)
