@@ -78,11 +78,11 @@ class Prototype:
         import libvirt
 
         try:
-            if not self.conn.isAlive():
-                raise libvirt.libvirtError("connection closed")
+            return self.conn.lookupByUUIDString(self.uuid)
         except libvirt.libvirtError:
-            self.conn = libvirt.open(LIBVIRT_URI)  # libvirtd was restarted (a fault test does that)
-        return self.conn.lookupByUUIDString(self.uuid)
+            # libvirtd was restarted (a fault test does that): the old connection is dead
+            self.conn = libvirt.open(LIBVIRT_URI)
+            return self.conn.lookupByUUIDString(self.uuid)
 
     def console_text(self) -> str:
         try:

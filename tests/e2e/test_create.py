@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ def test_create_from_running_prototype(prototype: Prototype, imgprep: Any, outpu
 
 
 def test_failing_script_restores_the_exact_disk(
-    prototype: Prototype, imgprep: Any, output_dir: Path, tmp_path: Path
+    prototype: Prototype, imgprep: Any, output_dir: Path, tmp_path: Path, reliability: Callable[..., None]
 ) -> None:
     script = tmp_path / "failing-prepare"
     script.write_text("#!/bin/sh\necho 'cleaning up...'\necho 'boom: cannot clean /var/lib/app' >&2\nexit 3\n")
@@ -181,3 +182,8 @@ def test_failing_script_restores_the_exact_disk(
         ["qemu-img", "compare", str(reference), str(prototype.disk)], capture_output=True, text=True, check=False
     )
     assert compare.returncode == 0, compare.stdout + compare.stderr
+    reliability(
+        "operator script exits non-zero",
+        "exit 3 with a message",
+        "PrepareImageError with the output tail; exit 1; restored",
+    )
