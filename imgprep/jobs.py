@@ -57,11 +57,7 @@ def build_request(
 ) -> CreateRequest:
     """Check every user input that does not need the hypervisor; report all problems."""
     problems: list[str] = []
-    user_manifest: dict[str, Any] = {}
-    try:
-        user_manifest = validate_user_manifest(dict(manifest or {}))
-    except InvalidInput as exc:
-        problems.extend(exc.problems)
+    user_manifest: dict[str, Any] = dict(manifest or {})
     if name is not None:
         user_manifest["name"] = name
     if version is not None:
@@ -69,7 +65,7 @@ def build_request(
     try:
         user_manifest = validate_user_manifest(user_manifest)
     except InvalidInput as exc:
-        problems.extend(p for p in exc.problems if p not in problems)
+        problems.extend(exc.problems)
     backend_cls = None
     try:
         backend_cls = backend_class(backend)
@@ -229,6 +225,17 @@ class Job:
         return self.record
 
 
+def _mark_interrupted(record: Record, note: str = "") -> None:
+    """A job its process left queued or running: failed. An error it already had (it
+    died while rolling back) is the cause and stays; otherwise say where it stopped."""
+    last = record["chain_results"][-1]["name"] if record["chain_results"] else "start"
+    record["execution"] = "failed"
+    record["error"] = record.get("error") or {
+        "code": "Interrupted",
+        "message": f"imgprep stopped during step {last}{note}",
+    }
+
+
 def recover(config: Config, job_uuid: str, *, events: EventSink | None = None) -> Record:
     """Finish the rollback of an interrupted or failed job. Idempotent."""
     store = JobStore(config.state_dir)
@@ -238,24 +245,14 @@ def recover(config: Config, job_uuid: str, *, events: EventSink | None = None) -
     if not vm_uuid or not record.get("vm_touched"):
         record.setdefault("recovery", []).append({"at": now(), "result": "nothing to do: the VM was never touched"})
         if record["execution"] in ("queued", "running") and not job_is_running(config, record):
-            last = record["chain_results"][-1]["name"] if record["chain_results"] else "start"
-            record["execution"] = "failed"
-            record["error"] = record.get("error") or {
-                "code": "Interrupted",
-                "message": f"imgprep stopped during step {last} (before touching the VM)",
-            }
+            _mark_interrupted(record, " (before touching the VM)")
         store.save(record)
         return record
     job_config = config.with_overrides(libvirt_uri=params.get("libvirt_uri"))
     with VmLock(config.state_dir, lock_key(params["backend"], vm_uuid)):
         record = store.get(job_uuid)  # re-read under the lock
         if record["execution"] in ("queued", "running"):
-            last = record["chain_results"][-1]["name"] if record["chain_results"] else "start"
-            record["execution"] = "failed"
-            record["error"] = {
-                "code": "Interrupted",
-                "message": f"imgprep stopped during step {last}",
-            }
+            _mark_interrupted(record)
         engine = Engine(record, store, events=events)
         backend = backend_class(params["backend"])(job_config, engine)
         if record.get("vm_restored"):

@@ -107,16 +107,12 @@ def prepare_xml(persistent_xml: str, channel_path: Path) -> tuple[str, int]:
     return ET.tostring(root, encoding="unicode"), port
 
 
-def qemu_img_info(path: Path) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads(
+def backing_chain(path: Path) -> list[dict[str, Any]]:
+    """``qemu-img info`` of the image and every backing file, top layer first."""
+    chain: list[dict[str, Any]] = json.loads(
         run(["qemu-img", "info", "--force-share", "--output=json", "--backing-chain", str(path)]).stdout
-    )[0]
-    return info
-
-
-def allocated_bytes(path: Path) -> int:
-    chain = json.loads(run(["qemu-img", "info", "--force-share", "--output=json", "--backing-chain", str(path)]).stdout)
-    return sum(int(layer.get("actual-size", 0)) for layer in chain)
+    )
+    return chain
 
 
 class LibvirtBackend(Backend):
@@ -219,11 +215,12 @@ class LibvirtBackend(Backend):
         learned: dict[str, Any] = {"type": "zvol", "os": "linux"}
         if disks and not problems:
             boot = Path(disks[0]["path"])
-            info = qemu_img_info(boot)
-            learned["image_size"] = int(info["virtual-size"]) // (1024 * 1024)
+            chain = backing_chain(boot)
+            learned["image_size"] = int(chain[0]["virtual-size"]) // (1024 * 1024)
             if disks[0]["bus"]:
                 learned["disk_driver"] = disks[0]["bus"]
-            self.check_free_space(allocated_bytes(boot), problems)
+            # flattened, the export holds at most what every layer has allocated
+            self.check_free_space(sum(int(layer.get("actual-size", 0)) for layer in chain), problems)
         root = ET.fromstring(xml)
         nic = root.find("./devices/interface/model")
         if nic is not None and nic.get("type"):
