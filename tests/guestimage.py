@@ -131,7 +131,9 @@ def cache_root() -> Path:
 def _run(cmd: list[str], **kwargs: object) -> None:
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     # stdout too goes to stderr: callers capture stdout for results (the demo's VM UUID)
-    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, stdout=sys.stderr, **kwargs)  # type: ignore[call-overload]
+    if "stdin" not in kwargs and "input" not in kwargs:
+        kwargs["stdin"] = subprocess.DEVNULL
+    subprocess.run(cmd, check=True, stdout=sys.stderr, **kwargs)  # type: ignore[call-overload]
 
 
 def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
@@ -232,8 +234,19 @@ def domain_xml(
     domain_uuid: str | None = None,
     memory_mib: int = 1024,
     extra_cmdline: str = "",
+    extra_disks: tuple[Path, ...] = (),
+    root: str = "/dev/vda",
 ) -> str:
     """libvirt XML for a software-emulated domain booting the test guest."""
+    more = "".join(
+        f"""
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{path}'/>
+      <target dev='vd{chr(ord("b") + i)}' bus='virtio'/>
+    </disk>"""
+        for i, path in enumerate(extra_disks)
+    )
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <uuid>{domain_uuid or uuid.uuid4()}</uuid>
@@ -243,7 +256,7 @@ def domain_xml(
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{image.kernel}</kernel>
     <initrd>{image.initrd}</initrd>
-    <cmdline>root=/dev/vda rw console=ttyS0 net.ifnames=0 {extra_cmdline}</cmdline>
+    <cmdline>root={root} rw console=ttyS0 net.ifnames=0 {extra_cmdline}</cmdline>
   </os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
@@ -254,7 +267,7 @@ def domain_xml(
       <driver name='qemu' type='qcow2'/>
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
-    </disk>
+    </disk>{more}
     <serial type='file'>
       <source path='{console_log}'/>
       <target port='0'/>
@@ -267,6 +280,66 @@ def domain_xml(
   </devices>
 </domain>
 """
+
+
+SPLIT_FSTAB = "/dev/vda1 / ext4 rw,errors=remount-ro 0 1\n/dev/vdb /var ext4 rw 0 2\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitGuest:
+    """The same guest laid out differently: root on partition 1 of an MBR disk, /var on
+    a second, partition-less disk (so imgprep's runner lives on the second disk)."""
+
+    directory: Path
+
+    @property
+    def root_disk(self) -> Path:
+        return self.directory / "root.qcow2"
+
+    @property
+    def var_disk(self) -> Path:
+        return self.directory / "var.qcow2"
+
+
+def build_split(image: GuestImage) -> SplitGuest:
+    """Derive (and cache beside the guest) the two-disk, partitioned layout."""
+    split = SplitGuest(image.directory / "split")
+    if (split.directory / "done").exists():
+        return split
+    work = Path(tempfile.mkdtemp(prefix="split-", dir=image.directory))
+    try:
+        root_tree, var_tree = work / "root", work / "var"
+        root_tree.mkdir()
+        # copy the tree without /var (tar keeps owners, modes, links, xattrs)
+        tar = subprocess.Popen(
+            ["tar", "-C", str(image.rootfs), "--exclude=./var", "--xattrs", "-cf", "-", "."], stdout=subprocess.PIPE
+        )
+        _run(["tar", "-C", str(root_tree), "--xattrs", "-xf", "-"], stdin=tar.stdout)
+        if tar.wait() != 0:
+            raise RuntimeError("tar of the root tree failed")
+        (root_tree / "var").mkdir(mode=0o755)
+        (root_tree / "etc/fstab").write_text(SPLIT_FSTAB)
+        _run(["cp", "-a", str(image.rootfs / "var"), str(var_tree)])
+        part = work / "part.raw"
+        _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root_tree), str(part), "1800M"])
+        disk = work / "root.raw"
+        _run(["truncate", "-s", "1801M", str(disk)])
+        _run(["sfdisk", "-q", str(disk)], input=b"start=2048, type=83\n")
+        _run(["dd", "if=" + str(part), "of=" + str(disk), "bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
+        var_raw = work / "var.raw"
+        _run(["mkfs.ext4", "-q", "-F", "-L", "var", "-d", str(var_tree), str(var_raw), "1G"])
+        _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(work / "root.qcow2")])
+        _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(var_raw), str(work / "var.qcow2")])
+        out = Path(tempfile.mkdtemp(prefix="split-out-", dir=image.directory))
+        for name in ("root.qcow2", "var.qcow2"):
+            (work / name).rename(out / name)
+            (out / name).chmod(0o644)
+        (out / "done").write_text("")
+        out.chmod(0o755)
+        out.rename(split.directory)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return split
 
 
 DEMO_NAME = "imgprep-demo"

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.guestimage import GuestImage, build, domain_xml
+from tests.guestimage import GuestImage, build, build_split, domain_xml
 
 LIBVIRT_URI = "qemu:///system"
 VM_ROOT = Path(os.environ.get("IMGPREP_TEST_VM_DIR", "/var/lib/imgprep-test-vms"))
@@ -72,6 +72,7 @@ class Prototype:
     disk: Path
     console: Path
     conn: Any
+    more_disks: tuple[Path, ...] = ()
 
     @property
     def dom(self) -> Any:
@@ -137,16 +138,32 @@ def make_prototype(
     conn = libvirt.open(libvirt_uri)
     made: list[tuple[Prototype, Path]] = []
 
-    def make(extra_cmdline: str = "") -> Prototype:
+    def make(extra_cmdline: str = "", split: bool = False) -> Prototype:
+        """``split``: root on partition 1 of disk 1, /var on a second disk."""
         name = f"imgprep-e2e-{uuid.uuid4().hex[:8]}"
         workdir = VM_ROOT / name
         workdir.mkdir(parents=True, exist_ok=True)
         disk = workdir / "disk.qcow2"
-        shutil.copyfile(guest_image.disk, disk)
         console = workdir / "console.log"
-        xml = domain_xml(name, disk, image=guest_image, console_log=console, extra_cmdline=extra_cmdline)
+        more: tuple[Path, ...] = ()
+        if split:
+            layout = build_split(guest_image)
+            shutil.copyfile(layout.root_disk, disk)
+            more = (workdir / "var.qcow2",)
+            shutil.copyfile(layout.var_disk, more[0])
+        else:
+            shutil.copyfile(guest_image.disk, disk)
+        xml = domain_xml(
+            name,
+            disk,
+            image=guest_image,
+            console_log=console,
+            extra_cmdline=extra_cmdline,
+            extra_disks=more,
+            root="/dev/vda1" if split else "/dev/vda",
+        )
         dom = conn.defineXML(xml)
-        proto = Prototype(name, dom.UUIDString(), disk, console, conn)
+        proto = Prototype(name, dom.UUIDString(), disk, console, conn, more)
         made.append((proto, workdir))
         return proto
 

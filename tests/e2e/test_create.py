@@ -187,3 +187,36 @@ def test_failing_script_restores_the_exact_disk(
         "exit 3 with a message",
         "PrepareImageError with the output tail; exit 1; restored",
     )
+
+
+def test_partitioned_guest_with_var_on_a_second_disk(
+    make_prototype: Callable[..., Prototype], imgprep: Any, output_dir: Path, tmp_path: Path
+) -> None:
+    """Not only the test guest's layout: root on a partition, /var (where imgprep's runner
+    is injected) on a second qcow2 disk. Both disks are checkpointed and restored."""
+    proto = make_prototype(split=True)
+    proto.start()  # its first boot commits a machine-id, like any prototype
+    proto.shutdown()
+    references = []
+    for i, disk in enumerate((proto.disk, *proto.more_disks)):
+        reference = tmp_path / f"before-{i}.qcow2"
+        subprocess.run(["cp", "--sparse=always", str(disk), str(reference)], check=True)
+        references.append((reference, disk))
+
+    result = imgprep("create", "--vm", proto.uuid, "--output-dir", str(output_dir), "--json", *TIMEOUTS)
+
+    assert result.returncode == 0, result.stderr
+    report = result.summary["boot_report"]
+    assert report["late_services"] == []
+    assert report["targets"]["sysinit.target"] == "inactive"
+    facts = inspect_disk(Path(result.summary["file"]))  # the boot disk: root, /var not in it
+    assert facts["ssh_host_keys"] == []
+    assert facts["machine_id"] == "uninitialized\n"
+    assert facts["traces"] == []
+    assert not proto.is_running()
+    assert proto.snapshots() == []
+    for reference, disk in references:
+        compare = subprocess.run(
+            ["qemu-img", "compare", str(reference), str(disk)], capture_output=True, text=True, check=False
+        )
+        assert compare.returncode == 0, (disk, compare.stdout + compare.stderr)
