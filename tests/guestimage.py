@@ -38,6 +38,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -346,6 +347,15 @@ DEMO_NAME = "imgprep-demo"
 DEMO_DIR = Path("/var/lib/imgprep-demo")
 
 
+def remove_domain(dom: Any) -> None:
+    """Power off, drop every snapshot, undefine: a test or demo domain leaves nothing."""
+    if dom.isActive():
+        dom.destroy()
+    for snap in dom.snapshotListNames():
+        dom.snapshotLookupByName(snap).delete(0)
+    dom.undefine()
+
+
 def demo_vm() -> str:
     """(Re)create the demo prototype from a fresh copy of the guest, boot it, return its UUID."""
     import libvirt
@@ -358,11 +368,7 @@ def demo_vm() -> str:
         except libvirt.libvirtError:
             old = None
         if old is not None:
-            if old.isActive():
-                old.destroy()
-            for snap in old.snapshotListNames():
-                old.snapshotLookupByName(snap).delete(0)
-            old.undefine()
+            remove_domain(old)
         DEMO_DIR.mkdir(parents=True, exist_ok=True)
         disk = DEMO_DIR / "disk.qcow2"
         shutil.copyfile(image.disk, disk)

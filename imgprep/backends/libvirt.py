@@ -28,10 +28,12 @@ import libvirt
 from imgprep import artifacts
 from imgprep.backends.base import Backend, CreateRequest, StopTimeout, VmFacts
 from imgprep.channel import ChannelParser, GuestStatus
+from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
 from imgprep.export import ExportResult, export_disk
 from imgprep.libguestfs import open_guest
 from imgprep.run import run
+from imgprep.workflow import Engine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,7 +121,11 @@ class LibvirtBackend(Backend):
     name = "libvirt"
     default_script = "operator_scripts/linux-prepare-image"
 
-    _conn: Any = None
+    def __init__(self, config: Config, engine: Engine) -> None:
+        super().__init__(config, engine)
+        self._conn: Any = None
+        self._parser = ChannelParser()  # what the guest reported during the prepare boot
+        self._offset = 0  # how much of the channel file was read
 
     # --- libvirt plumbing -------------------------------------------------------
 
@@ -288,14 +294,17 @@ class LibvirtBackend(Backend):
             return None
         return self._call("look up the checkpoint", lambda: dom.snapshotLookupByName(name))
 
-    def _disks(self) -> list[dict[str, str]]:
+    def _persistent_xml(self) -> str:
         dom = self._domain()
-        xml = self._call("read the definition", lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        xml: str = self._call("read the definition", lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        return xml
+
+    @staticmethod
+    def _disks(xml: str) -> list[dict[str, str]]:
         return [d for d in disks_of(xml) if d["device"] == "disk"]
 
     def inject(self, request: CreateRequest) -> None:
-        dom = self._domain()
-        persistent = self._call("read the definition", lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        persistent = self._persistent_xml()
         _, port = prepare_xml(persistent, self._channel_path())
         timeout = int(self.config.timeouts.prepare)
         mode: artifacts.Mode = "legacy" if request.mode == "legacy" else "early"
@@ -303,7 +312,7 @@ class LibvirtBackend(Backend):
         runner = artifacts.artifact("units/imgprep-prepare-runner").read_bytes()
         link = artifacts.wants_link(mode)
         wants_dir = str(Path(link).parent)
-        disks = [(Path(d["path"]), d["format"]) for d in self._disks()]
+        disks = [(Path(d["path"]), d["format"]) for d in self._disks(persistent)]
         self.state["injected"] = [artifacts.UNIT_PATH, link, artifacts.PREFIX]
         self.persist()
         with open_guest(disks, readonly=False, force_tcg=self.config.libguestfs_tcg) as guest:
@@ -369,9 +378,6 @@ class LibvirtBackend(Backend):
         return str(self._channel_path()) in live
 
     def poll_guest(self) -> tuple[GuestStatus, bool]:
-        if not hasattr(self, "_parser"):
-            self._parser = ChannelParser()
-            self._offset = 0
         try:
             with self._channel_path().open("rb") as f:
                 f.seek(self._offset)
@@ -385,7 +391,7 @@ class LibvirtBackend(Backend):
         return self._parser.status, powered_off
 
     def export(self) -> ExportResult:
-        boot = self._disks()[0]
+        boot = self._disks(self._persistent_xml())[0]
         last = [-1]
 
         def progress(pct: float) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.guestimage import GuestImage, build, build_split, domain_xml
+from tests.guestimage import GuestImage, build, build_split, domain_xml, remove_domain
 
 LIBVIRT_URI = "qemu:///system"
 VM_ROOT = Path(os.environ.get("IMGPREP_TEST_VM_DIR", "/var/lib/imgprep-test-vms"))
@@ -170,12 +170,7 @@ def make_prototype(
     yield make
     try:
         for proto, _ in made:
-            dom = proto.dom
-            if dom.isActive():
-                dom.destroy()
-            for snap in dom.snapshotListNames():
-                dom.snapshotLookupByName(snap).delete(0)
-            dom.undefine()
+            remove_domain(proto.dom)
     finally:
         for proto, _ in made:
             with contextlib.suppress(libvirt.libvirtError):
