@@ -116,6 +116,7 @@ def build_request(
         backend=backend,
         host=host,
         mode=mode,
+        script_is_default=script_path is None,
     )
 
 

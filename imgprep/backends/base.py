@@ -42,6 +42,7 @@ class CreateRequest:
     backend: str = "libvirt"
     host: str | None = None
     mode: str = "early"  # "legacy" = the classic late placement (benchmarks only)
+    script_is_default: bool = False  # no script given: the backend may pick another default per guest
 
     def params(self) -> dict[str, Any]:
         return {

@@ -9,15 +9,23 @@ The same chain as every backend (``Backend.chain``), with these hooks:
 * checkpoint: ``zfs snapshot -o imgprep:job=<job> <ds>@imgprep-pre-prepare-<job8>`` of
   the zone dataset and each delegated dataset. The user property marks the snapshot
   as this job's, so cleanup never destroys a snapshot it did not make;
-* inject: the SMF manifest, its method, the operator script and the ``armed`` file,
-  written under the zone root (``<zonepath>/root``) by a constant remote ``sh``
-  script that refuses to follow symlinks (the zone root is the guest's: a planted
-  symlink must not redirect a write as global-zone root); then
-  ``vmadm update`` removes ``prepare-image:state``/``prepare-image:error`` from the
-  customer metadata, as imgadm does;
-* boot: ``vmadm start``; svc.startd imports the manifest and runs the method right
-  after ``filesystem/minimal``, before ``filesystem/local`` and every application
-  (docs/smartos-guest.md); the method reports through ``mdata-put`` and halts;
+* inject: written under the zone root (``<zonepath>/root``) by a constant remote
+  ``sh`` script that refuses to follow symlinks (the zone root is the guest's: a
+  planted symlink must not redirect a write as global-zone root):
+
+  - joyent/joyent-minimal: the SMF manifest, its method, the operator script;
+  - lx: the systemd unit, its ``sysinit.target.wants`` link, the runner and the
+    operator script of the libvirt backend's Linux guest side, the runner set to
+    report through ``/native/usr/sbin/mdata-put`` (an lx zone has no serial port);
+
+  and last the ``armed`` file. Then ``vmadm update`` removes
+  ``prepare-image:state``/``prepare-image:error`` (and imgprep's report keys) from
+  the customer metadata, as imgadm does;
+* boot: ``vmadm start``. In a joyent zone svc.startd imports the manifest and runs
+  the method right after ``filesystem/minimal``, before ``filesystem/local`` and
+  every application (docs/smartos-guest.md); in an lx zone systemd runs the unit
+  before ``sysinit.target``, so before every unit with default dependencies. Either
+  reports through ``mdata-put`` and powers the zone off;
 * poll: ``vmadm get`` -> ``customer_metadata`` and ``state``;
 * export: ``zfs snapshot <ds>@final`` (also marked), then ``zfs send`` of it streamed
   back over SSH, compressed and hashed on the fly (gzip, xz or none: what IMGAPI and
@@ -31,8 +39,7 @@ restores it too.
 
 bhyve and kvm VMs are refused: their disks are zvols holding a guest filesystem the
 global zone must not mount, so the early service cannot be placed safely from here
-(docs/smartos-backend.md). lx zones are refused too: they run a Linux init, not
-SMF, and imgprep has no lx guest side yet.
+(docs/smartos-backend.md). lx zones must boot systemd (the unit is a systemd unit).
 """
 
 from __future__ import annotations
@@ -44,32 +51,33 @@ import re
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgprep import artifacts
 from imgprep.backends.base import Backend, CreateRequest, StopTimeout, VmFacts
-from imgprep.channel import STATES, GuestStatus
+from imgprep.channel import STATES, GuestStatus, parse_report
 from imgprep.errors import CommandError, ImgprepError, InvalidInput, TransientError, VmBusy
 from imgprep.export import STREAM_COMPRESSIONS, CompressingWriter, ExportResult
 from imgprep.ssh import SshClient, SshTarget
 
 log = logging.getLogger(__name__)
 
-ZONE_BRANDS = ("joyent", "joyent-minimal")
+ZONE_BRANDS = ("joyent", "joyent-minimal", "lx")
 REFUSED_BRANDS = {
     "bhyve": "bhyve VMs are not supported by the SmartOS backend: the early-boot service would have to be "
     "written into the guest filesystem inside a zvol, which the global zone must not mount",
     "kvm": "kvm VMs are not supported by the SmartOS backend: the early-boot service would have to be "
     "written into the guest filesystem inside a zvol, which the global zone must not mount",
-    "lx": "lx zones are not supported yet: they run a Linux init, not SMF, so imgprep's early SMF service "
-    "cannot run there",
 }
 CHECKPOINT_PREFIX = "imgprep-pre-prepare-"
 FINAL_SNAPNAME = "final"  # what imgadm names the image snapshot (origins of incremental images need it)
 JOB_PROPERTY = "imgprep:job"  # ZFS user property marking the snapshots a job made
 STATE_KEY = "prepare-image:state"
 ERROR_KEY = "prepare-image:error"
+REPORT_KEY = "imgprep:report"  # the runner's boot report (lx zones)
+LOG_KEY = "imgprep:log"  # the tail of the operator script's output (lx zones)
 FILE_SUFFIX = {"none": ".zfs", "gzip": ".zfs.gz", "xz": ".zfs.xz"}
 
 # Paths relative to the zone root (docs/smartos-guest.md).
@@ -78,6 +86,13 @@ METHOD_IN_ZONE = "var/svc/method/imgprep-operator-script"
 STATE_DIR_IN_ZONE = "var/imgprep"
 ARMED_IN_ZONE = "var/imgprep/armed"
 SCRIPT_IN_ZONE = "var/imgprep/operator-script"
+# lx zones: the libvirt backend's Linux guest side, at the same paths.
+LX_PREFIX_IN_ZONE = artifacts.PREFIX.lstrip("/")
+LX_UNIT_IN_ZONE = artifacts.UNIT_PATH.lstrip("/")
+LX_SYSTEMD = ("usr/lib/systemd/systemd", "lib/systemd/systemd")
+# The platform's mdata-put, seen from inside an lx zone (/native is the platform's /usr, lofs).
+LX_MDATA_PUT = "/native/usr/sbin/mdata-put"
+LX_DEFAULT_SCRIPT = "operator_scripts/linux-prepare-image"
 
 # What imgadm copies from the origin image's manifest (imgadm.js createImage).
 INHERITED_FIELDS = (
@@ -101,11 +116,12 @@ _SEND_SIZE_RE = re.compile(r"^size\s+(\d+)\s*$", re.MULTILINE)
 # Remote scripts are constants; only their positional arguments vary, and those are
 # quoted like every other argument. POSIX sh (illumos /bin/sh is ksh93).
 #
-# write: $1 zone root, $2 path relative to it, $3 octal mode; the content on stdin.
-# Creates missing directories (0755), refuses any existing component that is a symlink
-# or not a directory, and a target that is a symlink or not a regular file.
+# write: $1 zone root, $2 path relative to it, $3 octal mode, $4 octal mode of the
+# directories it creates, $5 (optional) a symlink target: make a symlink instead of
+# a file. A file's content comes on stdin. Refuses any existing component that is a
+# symlink or not a directory, and a target that is a symlink or not a regular file.
 _WRITE_SCRIPT = r"""set -eu
-root=$1 rel=$2 mode=$3
+root=$1 rel=$2 mode=$3 dirmode=$4 link=${5-}
 fail() { printf 'imgprep: %s\n' "$*" >&2; exit 3; }
 [ -d "$root" ] && [ ! -L "$root" ] || fail "zone root $root is not a directory"
 case /$rel/ in */../* | */./* | //*) fail "bad path $rel" ;; esac
@@ -120,7 +136,7 @@ for part in $dir; do
     [ -n "$part" ] || continue
     cur=$cur/$part
     [ -L "$cur" ] && fail "refusing to write through the symlink $cur"
-    [ -e "$cur" ] || mkdir -m 0755 "$cur"
+    [ -e "$cur" ] || mkdir -m "$dirmode" "$cur"
     [ -d "$cur" ] || fail "$cur is not a directory"
 done
 IFS=$oldifs
@@ -129,14 +145,29 @@ if [ -L "$target" ] || { [ -e "$target" ] && [ ! -f "$target" ]; }; then
     fail "refusing to replace $target: not a regular file"
 fi
 rm -f "$target"
-(umask 077 && set -C && cat >"$target")
-chmod "$mode" "$target"
+if [ -n "$link" ]; then
+    ln -s "$link" "$target"
+else
+    (umask 077 && set -C && cat >"$target")
+    chmod "$mode" "$target"
+fi
 """
 # present: prints each argument that exists (a dangling symlink counts).
 _PRESENT_SCRIPT = r"""for p; do
     if [ -e "$p" ] || [ -L "$p" ]; then printf '%s\n' "$p"; fi
 done
 """
+
+
+@dataclass(frozen=True)
+class ZoneFile:
+    """One file (or symlink, if ``link``) inject writes, relative to the zone root."""
+
+    rel: str
+    data: bytes = b""
+    mode: str = "0644"
+    dirmode: str = "0755"  # of the directories it has to create
+    link: str = ""
 
 
 def _is_uuid(text: str) -> bool:
@@ -146,20 +177,23 @@ def _is_uuid(text: str) -> bool:
 def parse_guest_error(raw: str | None) -> tuple[str | None, str | None]:
     """``prepare-image:error`` -> (one-line detail, output tail).
 
-    imgprep's method writes a JSON object (docs/smartos-guest.md); classic
-    prepare-image scripts write free text, shown as is.
+    imgprep's SMF method writes a JSON object (docs/smartos-guest.md). The lx runner
+    writes the message on the first line and the output tail after it; classic
+    prepare-image scripts write a line of free text.
     """
     if raw is None:
         return None, None
     try:
         data = json.loads(raw)
     except ValueError:
-        return raw.strip(), None
-    if not isinstance(data, dict):
-        return raw.strip(), None
-    message = str(data.get("message") or "no message")
-    tail = data.get("output_tail")
-    tail_text = str(tail) if tail else None
+        data = None
+    if isinstance(data, dict):
+        message = str(data.get("message") or "no message")
+        tail = data.get("output_tail")
+        tail_text = str(tail) if tail else None
+    else:
+        first, _, rest = raw.strip().partition("\n")
+        message, tail_text = first.strip(), rest.strip() or None
     if tail_text:
         last = [line for line in tail_text.splitlines() if line.strip()][-3:]
         message += "; last output: " + " | ".join(last)
@@ -258,11 +292,13 @@ class SmartosBackend(Backend):
     def _zone_root(self) -> str:
         return f"{self._zone['zonepath']}/root"
 
-    def _write_zone_file(self, rel: str, data: bytes, mode: str) -> None:
-        self._run(["/bin/sh", "-c", _WRITE_SCRIPT, "imgprep-write", self._zone_root(), rel, mode], input=data)
+    def _write_zone_file(self, f: ZoneFile) -> None:
+        argv = ["/bin/sh", "-c", _WRITE_SCRIPT, "imgprep-write", self._zone_root(), f.rel, f.mode, f.dirmode]
+        self._run([*argv, f.link] if f.link else argv, input=f.data)
 
-    def _present_in_zone(self, rels: Sequence[str]) -> list[str]:
-        paths = [f"{self._zone_root()}/{rel}" for rel in rels]
+    def _present_in_zone(self, rels: Sequence[str], root: str | None = None) -> list[str]:
+        """The paths (under the zone root) that exist; ``root`` before validate has stored it."""
+        paths = [f"{root or self._zone_root()}/{rel}" for rel in rels]
         out = self._run(["/bin/sh", "-c", _PRESENT_SCRIPT, "imgprep-present", *paths]).stdout
         return [line for line in out.splitlines() if line]
 
@@ -325,6 +361,14 @@ class SmartosBackend(Backend):
                     f"{ds}@{FINAL_SNAPNAME} already exists (left by imgadm create?); imgprep names the image "
                     "snapshot @final and will not rename or destroy yours: remove or rename it first"
                 )
+        if brand == "lx" and zonepath and not problems:
+            root = f"{zonepath}/root"
+            found = {p[len(root) + 1 :] for p in self._present_in_zone([*LX_SYSTEMD, "etc/systemd/system"], root)}
+            if "etc/systemd/system" not in found or not found & set(LX_SYSTEMD):
+                problems.append(
+                    f"lx zone {name} does not boot systemd (no /lib/systemd/systemd and /etc/systemd/system); "
+                    "imgprep's early service for lx zones is a systemd unit"
+                )
         if dataset and not problems:
             out = self._run(["zfs", "list", "-H", "-p", "-o", "referenced", str(dataset)]).stdout.strip()
             self.check_free_space(int(out) if out.isdigit() else 0, problems)
@@ -356,8 +400,10 @@ class SmartosBackend(Backend):
                     if value is not None and value != []:
                         learned[field] = value
         requirements = dict(learned.get("requirements") or {})
-        if brand == "lx":
+        if brand == "lx":  # imgadm: an lx image says so, and needs the lx brand
             learned["type"] = "lx-dataset"
+            if learned["os"] == "smartos":
+                learned["os"] = "linux"
             requirements["brand"] = "lx"
         # imgadm: a SmartOS image's binaries need at least the platform they were built on
         try:
@@ -410,21 +456,47 @@ class SmartosBackend(Backend):
     def inject(self, request: CreateRequest) -> None:
         if self._vm().get("state") != "stopped":
             raise ImgprepError("the zone is running; refusing to write into its root", code="VmRunning")
-        armed = f"IMGPREP_SCRIPT_TIMEOUT={int(self.config.timeouts.prepare)}\n"
-        files = [
-            (SCRIPT_IN_ZONE, request.script, "0700"),
-            (METHOD_IN_ZONE, artifacts.artifact("smf/imgprep-operator-script").read_bytes(), "0755"),
-            (MANIFEST_IN_ZONE, artifacts.artifact("smf/imgprep-operator-script.xml").read_bytes(), "0444"),
-            # last: a partial injection is never armed
-            (ARMED_IN_ZONE, armed.encode(), "0600"),
-        ]
-        self.state["injected"] = [rel for rel, _, _ in files]
+        files = self._lx_files(request) if self._zone["brand"] == "lx" else self._smf_files(request)
+        self.state["injected"] = [f.rel for f in files]
         self.persist()
-        for rel, data, mode in files:
-            self._write_zone_file(rel, data, mode)
+        for f in files:  # the armed file is last: a partial injection never runs
+            self._write_zone_file(f)
         # The contract's keys must start empty (imgadm does the same before its boot).
-        update = {"remove_customer_metadata": [STATE_KEY, ERROR_KEY]}
+        update = {"remove_customer_metadata": [STATE_KEY, ERROR_KEY, REPORT_KEY, LOG_KEY]}
         self._run(["vmadm", "update", self._uuid], input=json.dumps(update).encode())
+
+    def _smf_files(self, request: CreateRequest) -> list[ZoneFile]:
+        """joyent zones: the early SMF service (docs/smartos-guest.md)."""
+        armed = f"IMGPREP_SCRIPT_TIMEOUT={int(self.config.timeouts.prepare)}\n"
+        return [
+            ZoneFile(SCRIPT_IN_ZONE, request.script, "0700"),
+            ZoneFile(METHOD_IN_ZONE, artifacts.artifact("smf/imgprep-operator-script").read_bytes(), "0755"),
+            ZoneFile(MANIFEST_IN_ZONE, artifacts.artifact("smf/imgprep-operator-script.xml").read_bytes(), "0444"),
+            ZoneFile(ARMED_IN_ZONE, armed.encode(), "0600"),
+        ]
+
+    def _lx_files(self, request: CreateRequest) -> list[ZoneFile]:
+        """lx zones: the early systemd unit and runner of the Linux guest side, reporting via mdata."""
+        script = request.script
+        if request.script_is_default:  # the zone runs Linux: the Linux cleanup
+            script = artifacts.artifact(LX_DEFAULT_SCRIPT).read_bytes()
+            self.state["operator_script"] = Path(LX_DEFAULT_SCRIPT).name
+        mode: artifacts.Mode = "legacy" if request.mode == "legacy" else "early"
+        timeout = int(self.config.timeouts.prepare)
+        link = artifacts.wants_link(mode)
+        wants_dir = link.rsplit("/", 1)[0]
+        rmdirs = [] if self._present_in_zone([wants_dir.lstrip("/")]) else [wants_dir]
+        armed = artifacts.render_armed(
+            channel=f"mdata:{LX_MDATA_PUT}", script_timeout=timeout, remove=[artifacts.UNIT_PATH, link], rmdirs=rmdirs
+        )
+        runner = artifacts.artifact("units/imgprep-prepare-runner").read_bytes()
+        return [  # the prefix directory is created 0700, as the libvirt backend does
+            ZoneFile(f"{LX_PREFIX_IN_ZONE}/operator-script", script, "0700", dirmode="0700"),
+            ZoneFile(f"{LX_PREFIX_IN_ZONE}/runner", runner, "0755", dirmode="0700"),
+            ZoneFile(LX_UNIT_IN_ZONE, artifacts.render_unit(mode, timeout).encode(), "0644"),
+            ZoneFile(link.lstrip("/"), link=artifacts.UNIT_PATH),
+            ZoneFile(f"{LX_PREFIX_IN_ZONE}/armed", armed.encode(), "0600", dirmode="0700"),
+        ]
 
     def boot_prepare(self) -> None:
         vm = self._vm()
@@ -451,14 +523,26 @@ class SmartosBackend(Backend):
         if state is not None and (not seen or seen[-1] != state):
             seen.append(state)
         error, tail = parse_guest_error(metadata.get(ERROR_KEY))
-        status = GuestStatus(state=state, error=error, log=tail, seen_states=seen)
+        raw_report = metadata.get(REPORT_KEY)
+        status = GuestStatus(
+            state=state,
+            error=error,
+            log=metadata.get(LOG_KEY) or tail,
+            report=parse_report(raw_report) if isinstance(raw_report, str) else None,
+            seen_states=seen,
+        )
         return status, vm.get("state") == "stopped"
 
     def export(self) -> ExportResult:
         dataset = self._zone["zfs_filesystem"]
         if self._vm().get("state") != "stopped":
             raise ImgprepError("the zone is not stopped; refusing to snapshot it", code="VmRunning")
-        leftovers = self._present_in_zone([MANIFEST_IN_ZONE, METHOD_IN_ZONE, STATE_DIR_IN_ZONE])
+        if self._zone["brand"] == "lx":
+            ours = [LX_UNIT_IN_ZONE, artifacts.wants_link("early").lstrip("/"), LX_PREFIX_IN_ZONE]
+            ours.append(artifacts.wants_link("legacy").lstrip("/"))
+        else:
+            ours = [MANIFEST_IN_ZONE, METHOD_IN_ZONE, STATE_DIR_IN_ZONE]
+        leftovers = self._present_in_zone(ours)
         if leftovers:
             raise ImgprepError(
                 f"the prepare boot left imgprep files in the zone: {', '.join(leftovers)}; not imaging it",

@@ -308,3 +308,67 @@ def test_unarmed_runner_does_nothing_and_says_nothing(namespaces: None, tmp_path
     assert run.host(PREFIX + "/runner").exists()  # nothing removed
     assert run.host(UNIT_PATH).exists()
     assert os.listdir(run.tree / "run") == []
+
+
+FAKE_MDATA_PUT = """\
+#!/bin/sh
+# records each call as: key TAB base64(value)
+[ $# -eq 2 ] || { echo "usage: mdata-put <keyname> [<value>]" >&2; exit 3; }
+printf '%s\\t%s\\n' "$1" "$(printf '%s' "$2" | base64 -w0)" >> /run/mdata.calls
+"""
+
+
+def mdata_calls(run: Run) -> list[tuple[str, str]]:
+    import base64
+
+    path = run.tree / "run" / "mdata.calls"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [(k, base64.b64decode(v).decode()) for k, _, v in (line.partition("\t") for line in lines)]
+
+
+def make_mdata_tree(tmp_path: Path, script: str) -> Run:
+    """An lx zone's runner: it reports through mdata-put instead of a serial port."""
+    run = make_tree(tmp_path, script, armed=False)
+    fake = run.host("/var/lib/native-sbin/mdata-put")
+    fake.parent.mkdir()
+    fake.write_text(FAKE_MDATA_PUT)
+    fake.chmod(0o755)
+    (run.host(PREFIX) / "armed").write_text(
+        render_armed(
+            channel="mdata:/var/lib/native-sbin/mdata-put",
+            script_timeout=30,
+            remove=[UNIT_PATH, wants_link("early")],
+            rmdirs=[WANTS_DIR],
+        )
+    )
+    return run
+
+
+def test_mdata_channel_reports_through_the_metadata_contract(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(make_mdata_tree(tmp_path, "#!/bin/sh\necho cleaned\n"))
+    assert run.returncode == 0, run.stderr
+    assert not run.channel.exists()  # no serial protocol in this mode
+    calls = mdata_calls(run)
+    assert [k for k, _ in calls] == ["prepare-image:state", "imgprep:log", "imgprep:report", "prepare-image:state"]
+    assert calls[0][1] == "running"
+    assert calls[-1][1] == "success"
+    assert calls[1][1] == "cleaned"
+    assert "script_exit=0" in calls[2][1].splitlines()
+    assert_cleaned_up(run)
+
+
+def test_mdata_channel_writes_the_error_before_the_error_state(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(make_mdata_tree(tmp_path, "#!/bin/sh\necho 'no space left' >&2\nexit 4\n"))
+    assert run.returncode == 1
+    calls = mdata_calls(run)
+    keys = [k for k, _ in calls]
+    assert keys == [
+        "prepare-image:state",
+        "imgprep:log",
+        "prepare-image:error",
+        "imgprep:report",
+        "prepare-image:state",
+    ]
+    assert dict(calls)["prepare-image:error"] == "operator script exited with status 4\nno space left"
+    assert calls[-1] == ("prepare-image:state", "error")
+    assert_cleaned_up(run)
