@@ -28,6 +28,15 @@ What is modelled, after the manual pages (vmadm(8), zfs(8), imgadm(8)):
   of :mod:`tests.simulator.fakebin` first on PATH. Services that its dependencies hold
   do not start while a method runs; if the method halts the zone, they never start.
   Each boot is recorded (:class:`BootRecord`).
+* An lx zone (brand ``lx``) holds a Linux tree given by the test and boots its real
+  systemd in ``systemd-nspawn`` (no network, no registration), with the simulator's
+  ``mdata-put`` bind-mounted at ``/native/usr/sbin`` where the lx brand mounts the
+  platform's. That ``mdata-put`` (a shell script, :data:`LX_MDATA_PUT`) leaves each
+  put in a spool directory mounted at ``/native/.zonecontrol``; the simulator applies
+  the spool to the zone's metadata before every ``vmadm get`` and when the zone
+  ends. The zone halting itself (systemd powering off) ends the nspawn process and
+  makes the zone ``stopped``; ``vmadm stop`` asks systemd to power off (nspawn's
+  SIGTERM), ``vmadm stop -F`` kills the container's init at once.
 * ``/bin/sh`` runs locally (for the backend's constant helper scripts).
 
 Every command received is logged (:attr:`ComputeNode.commands`).
@@ -48,6 +57,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -71,6 +81,18 @@ MUTATING = {
     ("zfs", "destroy"),
     ("/bin/sh", "-c"),
 }
+
+
+# The lx zone's /native/usr/sbin/mdata-put (runs inside the container, POSIX sh).
+LX_MDATA_PUT = r"""#!/bin/sh
+# compute-node SIMULATOR: mdata-put for lx zones, not the platform's
+[ $# -eq 1 ] || [ $# -eq 2 ] || { echo "Usage: mdata-put <keyname> [ <value> ]" >&2; exit 3; }
+spool=/native/.zonecontrol
+tmp=$(mktemp "$spool/.put.XXXXXX") || exit 2
+if [ $# -eq 2 ]; then printf '%s' "$2" >"$tmp"; else cat >"$tmp"; fi
+mv "$tmp" "$spool/$(date +%s%N).$1"
+"""
+LX_MOUNTPOINTS = ("native/usr/sbin", "native/.zonecontrol")  # present in an lx zone's tree
 
 
 class Dropped(Exception):
@@ -159,8 +181,11 @@ class ComputeNode:
         self.snap_dir = root / ".snapshots"
         self.run_dir = root / "run"
         self.fakebin = root / "fakebin"
-        for d in (self.pool_dir, self.snap_dir, self.run_dir, self.fakebin):
+        self.lxbin = root / "lxbin"
+        for d in (self.pool_dir, self.snap_dir, self.run_dir, self.fakebin, self.lxbin):
             d.mkdir(parents=True, exist_ok=True)
+        (self.lxbin / "mdata-put").write_text(LX_MDATA_PUT)
+        (self.lxbin / "mdata-put").chmod(0o755)
         script = SCRIPT.format(python=sys.executable)
         for name in FAKE_COMMANDS:
             path = self.fakebin / name
@@ -190,8 +215,10 @@ class ComputeNode:
         files: dict[str, bytes] | None = None,
         running: bool = False,
         delegated: bool = False,
+        tree: Path | None = None,
     ) -> str:
-        """A zone whose root holds the base system's SMF manifests plus ``files``."""
+        """A zone whose root holds the base system's SMF manifests plus ``files``; with
+        ``tree`` (an lx zone's Linux tree), a copy of that tree plus ``files``."""
         uuid = str(uuidlib.uuid4())
         dataset = f"{POOL}/{uuid}"
         zonepath = self.pool_dir / uuid
@@ -200,12 +227,17 @@ class ComputeNode:
             json.dumps({"customer_metadata": {}, "internal_metadata": {}}, indent=2, sort_keys=True)
         )
         root = zonepath / "root"
-        for rel in ("var/run", "var/svc/log", "tmp", "var/tmp", "etc", "root"):
-            (root / rel).mkdir(parents=True, exist_ok=True)
-        for manifest in sorted(SMF_DATA.glob("*.xml")):
-            where = "opt/local/lib/svc/manifest" if manifest.name.startswith("application-") else "lib/svc/manifest"
-            (root / where).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(manifest, root / where / manifest.name)
+        if tree is not None:
+            shutil.copytree(tree, root, symlinks=True)
+            for rel in LX_MOUNTPOINTS:
+                (root / rel).mkdir(parents=True, exist_ok=True)
+        else:
+            for rel in ("var/run", "var/svc/log", "tmp", "var/tmp", "etc", "root"):
+                (root / rel).mkdir(parents=True, exist_ok=True)
+            for manifest in sorted(SMF_DATA.glob("*.xml")):
+                where = "opt/local/lib/svc/manifest" if manifest.name.startswith("application-") else "lib/svc/manifest"
+                (root / where).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(manifest, root / where / manifest.name)
         for rel, content in (files or {}).items():
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +254,7 @@ class ComputeNode:
         self.zones[uuid] = _Zone(uuid, alias, brand, "stopped", image_uuid, datasets, disks)
         if running:
             self._start(self.zones[uuid])
-            self.wait_boot(uuid)
+            self.wait_boot(uuid, timeout=120)
         return uuid
 
     def zonepath(self, uuid: str) -> Path:
@@ -254,13 +286,49 @@ class ComputeNode:
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     def mutating_commands(self) -> list[list[str]]:
-        return [c for c in self.commands if tuple(c[:2]) in MUTATING or (c[:1] == ["vmadm"] and "stop" in c)]
+        """Commands that may change the node. A ``sh -c`` script counts, except imgprep's
+        read-only ``imgprep-present`` helper (it only tests which paths exist)."""
+        return [
+            c
+            for c in self.commands
+            if (tuple(c[:2]) in MUTATING and c[3:4] != ["imgprep-present"]) or (c[:1] == ["vmadm"] and "stop" in c)
+        ]
 
     def wait_boot(self, uuid: str, timeout: float = 30) -> None:
         """Wait until the zone's current boot has finished starting (tests only)."""
-        thread = self.zones[uuid].thread
+        zone = self.zones[uuid]
+        if zone.brand == "lx":
+            self._wait_lx_booted(zone, timeout)
+            return
+        thread = zone.thread
         if thread is not None:
             thread.join(timeout)
+
+    def lx_systemctl(self, uuid: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``systemctl ARGS`` inside a running lx zone (tests only)."""
+        proc = self.zones[uuid].proc
+        leader = _lx_leader(proc) if proc is not None else None
+        if leader is None:
+            raise RuntimeError(f"lx zone {uuid} is not running")
+        return subprocess.run(
+            ["nsenter", f"--target={leader}", "--mount", "--pid", "--", "systemctl", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    def _wait_lx_booted(self, zone: _Zone, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if zone.state != "running":
+                return
+            with contextlib.suppress(RuntimeError):
+                state = self.lx_systemctl(zone.uuid, "is-system-running").stdout.strip()
+                if state in ("running", "degraded"):
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"lx zone {zone.uuid} did not finish booting in {timeout}s")
 
     def shutdown(self) -> None:
         for zone in list(self.zones.values()):
@@ -356,7 +424,9 @@ class ComputeNode:
         cmd, rest = args[0], args[1:]
         with self._lock:
             if cmd == "get" and len(rest) == 1:
-                return json.dumps(self._vm_json(self._zone(rest[0])), indent=2, sort_keys=True) + "\n"
+                zone = self._zone(rest[0])
+                self._drain_lx_metadata(zone)
+                return json.dumps(self._vm_json(zone), indent=2, sort_keys=True) + "\n"
             if cmd == "lookup":
                 unique = "-1" in rest
                 filters = [a.split("=", 1) for a in rest if "=" in a]
@@ -378,7 +448,11 @@ class ComputeNode:
                     raise CommandFailed(
                         f"Command failed: VM {zone.uuid} is already not 'running' (currently: {zone.state})"
                     )
-                self._kill(zone, "stopped by vmadm stop" + (" -F" if "-F" in rest else ""))
+                why = "stopped by vmadm stop" + (" -F" if "-F" in rest else "")
+                if zone.brand == "lx" and "-F" not in rest:
+                    self._shutdown_lx(zone, why)
+                else:
+                    self._kill(zone, why)
                 return ""
             if cmd == "update" and len(rest) == 1:
                 zone = self._zone(rest[0])
@@ -407,7 +481,10 @@ class ComputeNode:
         zone.boots.append(record)
         (self.run_dir / zone.uuid).mkdir(parents=True, exist_ok=True)
         (self.run_dir / zone.uuid / "halted").unlink(missing_ok=True)
-        zone.thread = threading.Thread(target=self._boot, args=(zone, record, zone.generation), daemon=True)
+        boot = self._boot_lx if zone.brand == "lx" else self._boot
+        if zone.brand == "lx":  # nspawn must be running before vmadm start returns
+            self._spawn_lx(zone)
+        zone.thread = threading.Thread(target=boot, args=(zone, record, zone.generation), daemon=True)
         zone.thread.start()
 
     def _kill(self, zone: _Zone, why: str = "stopped") -> None:
@@ -417,9 +494,73 @@ class ComputeNode:
             zone.generation += 1
             if zone.boots and not zone.boots[-1].ended:
                 zone.boots[-1].ended = why
-        if zone.proc is not None and zone.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(zone.proc.pid, signal.SIGKILL)
+        proc = zone.proc
+        if proc is not None and proc.poll() is None:
+            if zone.brand == "lx":  # the container's init: killing it ends the container
+                leader = _lx_leader(proc)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(leader if leader is not None else proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(30)
+                self._drain_lx_metadata(zone)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    # --- lx zones: a real systemd in systemd-nspawn -----------------------------------------
+
+    def _spawn_lx(self, zone: _Zone) -> None:
+        run = self.run_dir / zone.uuid
+        spool = run / "zonecontrol"
+        spool.mkdir(parents=True, exist_ok=True)
+        argv = [
+            "systemd-nspawn",
+            "--quiet",
+            f"--directory={self.zone_root(zone.uuid)}",
+            f"--machine=sim-{zone.uuid[:8]}",
+            "--register=no",
+            "--keep-unit",
+            "--private-network",
+            f"--bind-ro={self.lxbin}:/native/usr/sbin",
+            f"--bind={spool}:/native/.zonecontrol",
+            "--console=pipe",
+            "--boot",
+        ]
+        with (run / "console.log").open("ab") as log:
+            zone.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def _boot_lx(self, zone: _Zone, record: BootRecord, generation: int) -> None:
+        proc = zone.proc
+        assert proc is not None
+        rc = proc.wait()
+        with self._lock:
+            self._drain_lx_metadata(zone)
+            if zone.generation == generation:  # nobody stopped it: the zone powered itself off
+                record.halted = rc == 0
+                self._kill(zone, "halted" if rc == 0 else f"container exited with status {rc}")
+
+    def _shutdown_lx(self, zone: _Zone, why: str, timeout: float = 60) -> None:
+        """``vmadm stop``: systemd powers the zone off (nspawn turns SIGTERM into that)."""
+        proc = zone.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+        self._kill(zone, why)
+
+    def _drain_lx_metadata(self, zone: _Zone) -> None:
+        """Apply the puts the lx zone's mdata-put spooled, in the order they were made."""
+        spool = self.run_dir / zone.uuid / "zonecontrol"
+        if zone.brand != "lx" or not spool.is_dir():
+            return
+        for entry in sorted(spool.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            _, _, key = entry.name.partition(".")
+            self._update_metadata(zone, {"set_customer_metadata": {key: entry.read_text()}})
+            entry.unlink()
 
     def _boot(self, zone: _Zone, record: BootRecord, generation: int) -> None:
         root = self.zone_root(zone.uuid)
@@ -671,6 +812,15 @@ class ComputeNode:
                 )
             return json.dumps({"manifest": manifest, "zpool": POOL, "source": "https://images.example"}) + "\n"
         raise CommandFailed(f"imgadm: unsupported in the simulator: {shlex.join(args)}", 2)
+
+
+def _lx_leader(proc: subprocess.Popen[bytes]) -> int | None:
+    """The host pid of an nspawn container's init: the nspawn process's child."""
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
 
 
 def _start_methods(manifests: list[Path]) -> dict[str, list[str]]:

@@ -312,7 +312,7 @@ def test_an_unknown_host_key_is_refused_unless_accepted(sim: Node) -> None:
     assert code == 0, err
 
 
-@pytest.mark.parametrize("brand", ["bhyve", "kvm", "lx"])
+@pytest.mark.parametrize("brand", ["bhyve", "kvm"])
 def test_unsupported_brands_are_refused(sim: Node, brand: str) -> None:
     uuid = sim.zone(brand=brand)
 
@@ -321,6 +321,18 @@ def test_unsupported_brands_are_refused(sim: Node, brand: str) -> None:
     assert code == 2
     assert f"brand {brand}" in err
     assert "not supported" in err
+    assert sim.node.mutating_commands() == []
+
+
+def test_an_lx_zone_without_systemd_is_refused_before_anything_is_touched(sim: Node) -> None:
+    # the simulator's default zone root is a SmartOS tree: no systemd in it
+    uuid = sim.zone(brand="lx")
+
+    code, _, err = sim.create(uuid)
+
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "lx zone proto does not boot systemd" in err
     assert sim.node.mutating_commands() == []
 
 

@@ -1,0 +1,215 @@
+"""lx zones through the real CLI, against the compute-node SIMULATOR.
+
+The simulated lx zone holds the Debian tree of the end-to-end test guest (systemd,
+demo-identity, etcd, redis, nginx; daemons enabled with ``ConditionFirstBoot=no``, so
+a zone's first boot does not start them) and boots its real systemd in
+``systemd-nspawn``. What is real here: the unit imgprep injects, the order systemd
+gives it, the runner, the Linux cleanup script, the report through ``mdata-put``.
+What is simulated: everything of the compute node (vmadm, zfs, the lx brand, the
+metadata agent); see tests/simulator/node.py.
+
+Needs root, systemd-nspawn and the cached test guest (built on first use, like the
+end-to-end tests); with ``IMGPREP_REQUIRE_E2E=1`` a missing piece fails instead of
+skipping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.simulator import open_stream, read_send_stream, tree_digest
+from tests.smartos.conftest import Node
+
+LX_ORIGIN: dict[str, Any] = {
+    "v": 2,
+    "uuid": "7b5981c4-1889-11e7-b4c5-3f3bdfc9b88b",
+    "name": "debian-12",
+    "version": "20250101",
+    "type": "lx-dataset",
+    "os": "linux",
+    "requirements": {"brand": "lx", "min_platform": {"7.0": "20240101T000000Z"}},
+    "users": [{"name": "root"}],
+}
+# What a normal boot of the prototype creates once its daemons run (the control).
+NODE_ID = "var/lib/demo-identity/node-id"
+# Large parts of the guest tree a zone does not need (kernel, modules, docs, apt lists):
+# they only make every simulated snapshot and send slower.
+EXCLUDES = (
+    "./dev/*",
+    "./boot/*",
+    "./usr/lib/modules",
+    "./usr/share/doc",
+    "./usr/share/man",
+    "./usr/share/locale",
+    "./var/lib/apt/lists",
+    "./var/cache/apt",
+)
+PROTOTYPE_FILES = {
+    "etc/ssh/ssh_host_ed25519_key": b"PROTOTYPE PRIVATE HOST KEY\n",
+    "root/.ssh/authorized_keys": b"ssh-ed25519 AAAA operator@laptop\n",
+    "root/.bash_history": b"psql 'password=secret'\n",
+    "srv/app/config.yml": b"keep: me\n",
+}
+IMGPREP_PATHS = (
+    "root/etc/systemd/system/imgprep-prepare.service",
+    "root/etc/systemd/system/sysinit.target.wants/imgprep-prepare.service",
+    "root/var/lib/imgprep-prepare",
+)
+
+
+def _probe() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (systemd-nspawn)"
+    for tool in ("systemd-nspawn", "nsenter", "debootstrap"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/setup-host installs it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def lx_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Linux tree an lx zone is created from (a trimmed copy of the test guest's)."""
+    reason = _probe()
+    if reason is not None:
+        if os.environ.get("IMGPREP_REQUIRE_E2E") == "1":
+            pytest.fail(f"lx simulator tests cannot run here: {reason}")
+        pytest.skip(f"lx simulator tests cannot run here: {reason}")
+    from tests import guestimage
+
+    source = guestimage.build().rootfs
+    tree = tmp_path_factory.mktemp("lx") / "tree"
+    tree.mkdir()
+    excludes = [f"--exclude={pattern}" for pattern in EXCLUDES]
+    pack = subprocess.Popen(["tar", "-C", str(source), *excludes, "-cf", "-", "."], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-C", str(tree), "-xf", "-"], stdin=pack.stdout, check=True)
+    assert pack.wait() == 0
+    # The zone has no NIC in the simulator: nothing to wait for before multi-user.
+    (tree / "etc/systemd/system/systemd-networkd-wait-online.service").symlink_to("/dev/null")
+    return tree
+
+
+@pytest.fixture
+def lx(sim: Node, lx_tree: Path) -> Node:
+    sim.node.add_image(LX_ORIGIN)
+    sim.write_config(timeouts={"stop": 60, "boot": 60, "prepare": 60, "shutdown": 60})
+    return sim
+
+
+def lx_zone(sim: Node, tree: Path, *, running: bool) -> str:
+    return sim.node.create_zone(
+        alias="lxproto", brand="lx", image_uuid=LX_ORIGIN["uuid"], files=PROTOTYPE_FILES, tree=tree, running=running
+    )
+
+
+def summary(out: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return result
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_lx_zone_early_unit_image_report_and_rollback_with_a_control_boot(lx: Node, lx_tree: Path) -> None:
+    uuid = lx_zone(lx, lx_tree, running=True)
+    root = lx.node.zone_root(uuid)
+    # the prototype ran its first boot: identity committed, the daemons not started yet
+    assert (root / "etc/machine-id").read_text().strip() not in ("", "uninitialized")
+    assert not (root / NODE_ID).exists()
+
+    code, out, err = lx.create(uuid, "--name", "lximage", "--version", "1.0.0")
+
+    assert code == 0, err
+    result = summary(out)
+    assert result["execution"] == "succeeded"
+    guest_states = [json.loads(line)["state"] for line in out.splitlines()[:-1] if '"event": "guest"' in line]
+    assert guest_states == ["running", "success"]
+
+    # the manifest: an lx image, as imgadm makes one from an lx zone
+    image = Path(result["file"])
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    data = image.read_bytes()
+    assert manifest["files"][0]["sha1"] == hashlib.sha1(data).hexdigest()
+    assert manifest["files"][0]["size"] == len(data)
+    assert manifest["type"] == "lx-dataset"
+    assert manifest["os"] == "linux"
+    assert manifest["requirements"]["brand"] == "lx"
+
+    # the boot report came through mdata-put: the script ran before sysinit.target and
+    # before every unit with default dependencies
+    report = result["boot_report"]
+    assert report["script_exit"] == 0
+    assert report["late_services"] == []
+    assert report["targets"]["sysinit.target"] == "inactive"
+    assert report["targets"]["multi-user.target"] == "inactive"
+    assert report["targets"]["local-fs.target"] == "active"
+
+    # the image: Linux cleanup done, no daemon state, no imgprep trace, content kept
+    with open_stream(image) as f:
+        header, tar = read_send_stream(f.read())
+    assert header["snapshot"] == f"zones/{uuid}@final"
+    names = set(tar.getnames())
+    assert "root/srv/app/config.yml" in names
+    machine_id = tar.extractfile("root/etc/machine-id")
+    assert machine_id is not None
+    assert machine_id.read() == b"uninitialized\n"
+    for gone in (
+        "root/etc/ssh/ssh_host_ed25519_key",
+        "root/root/.ssh/authorized_keys",
+        "root/root/.bash_history",
+        f"root/{NODE_ID}",
+        *IMGPREP_PATHS,
+    ):
+        assert gone not in names
+    assert not [n for n in names if n.startswith("root/var/lib/etcd/") and "member" in n]
+    assert not [n for n in names if n.startswith("root/var/lib/redis/") and n.endswith(".rdb")]
+
+    # the zone: rolled back (imgprep files gone, its own host key back), running again
+    assert lx.node.snapshot_names(f"zones/{uuid}") == []
+    assert lx.node.state(uuid) == "running"
+    assert (root / "etc/ssh/ssh_host_ed25519_key").read_bytes() == PROTOTYPE_FILES["etc/ssh/ssh_host_ed25519_key"]
+    for path in IMGPREP_PATHS:
+        assert not os.path.lexists(lx.node.zonepath(uuid) / path)
+    assert "prepare-image:state" not in lx.node.metadata(uuid)["customer_metadata"]
+    boots = lx.node.boots(uuid)
+    assert len(boots) == 3  # the prototype's, the prepare boot (halted itself), the restart
+    assert boots[1].halted
+
+    # CONTROL: the same zone booted normally does start the daemons, which write state
+    wait_for((root / NODE_ID).exists, 120, "demo-identity's node-id in the restarted zone")
+    assert lx.node.lx_systemctl(uuid, "is-active", "demo-identity.service").stdout.strip() == "active"
+
+
+def test_lx_script_error_is_reported_and_the_stopped_zone_restored_exactly(lx: Node, lx_tree: Path) -> None:
+    uuid = lx_zone(lx, lx_tree, running=False)
+    before = tree_digest(lx.node.zonepath(uuid))
+    script = lx.tmp / "failing-script"
+    script.write_text("#!/bin/sh\necho 'cleaning up'\necho 'boom: /srv/app is busy' >&2\nexit 3\n")
+
+    code, out, err = lx.create(uuid, "--script", str(script))
+
+    assert code == 1
+    assert "operator script exited with status 3" in err
+    assert "boom: /srv/app is busy" in err
+    result = summary(out)
+    assert result["execution"] == "failed"
+    assert result["boot_report"]["script_exit"] == 3
+    assert list(lx.output.iterdir()) == []  # no image file, no partial
+    assert tree_digest(lx.node.zonepath(uuid)) == before
+    assert lx.node.snapshot_names(f"zones/{uuid}") == []
+    assert lx.node.state(uuid) == "stopped"
+    assert len(lx.node.boots(uuid)) == 1  # only the prepare boot; the zone was stopped before
