@@ -213,3 +213,20 @@ def test_lx_script_error_is_reported_and_the_stopped_zone_restored_exactly(lx: N
     assert lx.node.snapshot_names(f"zones/{uuid}") == []
     assert lx.node.state(uuid) == "stopped"
     assert len(lx.node.boots(uuid)) == 1  # only the prepare boot; the zone was stopped before
+
+
+def test_lx_late_placement_would_bake_daemon_identity_into_the_image(lx: Node, lx_tree: Path) -> None:
+    """Why the unit runs early: the classic late placement (``--mode legacy``, after
+    multi-user.target) lets the daemons start first, and their identity ends up in the
+    image. Same zone, same script; only the ordering differs."""
+    uuid = lx_zone(lx, lx_tree, running=True)
+    assert not (lx.node.zone_root(uuid) / NODE_ID).exists()
+
+    code, out, err = lx.create(uuid, "--mode", "legacy", compression="none")
+
+    assert code == 0, err
+    result = summary(out)
+    assert "demo-identity.service" in result["boot_report"]["late_services"]
+    with open_stream(Path(result["file"])) as f:
+        _, tar = read_send_stream(f.read())
+    assert f"root/{NODE_ID}" in tar.getnames()
