@@ -89,7 +89,7 @@ SCRIPT_IN_ZONE = "var/imgprep/operator-script"
 # lx zones: the libvirt backend's Linux guest side, at the same paths.
 LX_PREFIX_IN_ZONE = artifacts.PREFIX.lstrip("/")
 LX_UNIT_IN_ZONE = artifacts.UNIT_PATH.lstrip("/")
-LX_SYSTEMD = ("usr/lib/systemd/systemd", "lib/systemd/systemd")
+LX_INIT = "sbin/init"  # what the lx brand starts; systemd distributions link it to systemd
 # The platform's mdata-put, seen from inside an lx zone (/native is the platform's /usr, lofs).
 LX_MDATA_PUT = "/native/usr/sbin/mdata-put"
 LX_DEFAULT_SCRIPT = "operator_scripts/linux-prepare-image"
@@ -151,6 +151,9 @@ else
     (umask 077 && set -C && cat >"$target")
     chmod "$mode" "$target"
 fi
+"""
+# readlink: prints the target of $1 if it is a symlink (never follows it).
+_READLINK_SCRIPT = r"""if [ -L "$1" ]; then readlink "$1"; fi
 """
 # present: prints each argument that exists (a dangling symlink counts).
 _PRESENT_SCRIPT = r"""for p; do
@@ -363,10 +366,10 @@ class SmartosBackend(Backend):
                 )
         if brand == "lx" and zonepath and not problems:
             root = f"{zonepath}/root"
-            found = {p[len(root) + 1 :] for p in self._present_in_zone([*LX_SYSTEMD, "etc/systemd/system"], root)}
-            if "etc/systemd/system" not in found or not found & set(LX_SYSTEMD):
+            init = self._run(["/bin/sh", "-c", _READLINK_SCRIPT, "imgprep-readlink", f"{root}/{LX_INIT}"]).stdout
+            if not init.strip().endswith("/systemd") or not self._present_in_zone(["etc/systemd/system"], root):
                 problems.append(
-                    f"lx zone {name} does not boot systemd (no /lib/systemd/systemd and /etc/systemd/system); "
+                    f"lx zone {name} does not boot systemd (/{LX_INIT} is not a link to systemd); "
                     "imgprep's early service for lx zones is a systemd unit"
                 )
         if dataset and not problems:

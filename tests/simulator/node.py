@@ -72,6 +72,7 @@ SMF_DATA = REPO / "tests" / "data" / "smf"
 POOL = "zones"
 STREAM_MAGIC = b"IMGPREP-SIMULATED-ZFS-SEND v1\n"
 MANIFEST_DIRS = ("lib/svc/manifest", "var/svc/manifest", "opt/local/lib/svc/manifest")
+READ_ONLY_SCRIPTS = {"imgprep-present", "imgprep-readlink"}
 MUTATING = {
     ("vmadm", "start"),
     ("vmadm", "stop"),
@@ -287,11 +288,12 @@ class ComputeNode:
 
     def mutating_commands(self) -> list[list[str]]:
         """Commands that may change the node. A ``sh -c`` script counts, except imgprep's
-        read-only ``imgprep-present`` helper (it only tests which paths exist)."""
+        read-only helpers (``$0`` names them: they only test paths and read links)."""
         return [
             c
             for c in self.commands
-            if (tuple(c[:2]) in MUTATING and c[3:4] != ["imgprep-present"]) or (c[:1] == ["vmadm"] and "stop" in c)
+            if (tuple(c[:2]) in MUTATING and not set(c[3:4]) & READ_ONLY_SCRIPTS)
+            or (c[:1] == ["vmadm"] and "stop" in c)
         ]
 
     def wait_boot(self, uuid: str, timeout: float = 30) -> None:

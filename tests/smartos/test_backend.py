@@ -324,9 +324,16 @@ def test_unsupported_brands_are_refused(sim: Node, brand: str) -> None:
     assert sim.node.mutating_commands() == []
 
 
-def test_an_lx_zone_without_systemd_is_refused_before_anything_is_touched(sim: Node) -> None:
-    # the simulator's default zone root is a SmartOS tree: no systemd in it
-    uuid = sim.zone(brand="lx")
+@pytest.mark.parametrize(
+    "files",
+    [
+        {},  # the simulator's default zone root is a SmartOS tree: no /sbin/init at all
+        {"sbin/init": b"\x7fELF upstart", "etc/systemd/system/.keep": b""},  # systemd installed, not the init
+    ],
+    ids=["no-init", "upstart-init"],
+)
+def test_an_lx_zone_without_systemd_is_refused_before_anything_is_touched(sim: Node, files: dict[str, bytes]) -> None:
+    uuid = sim.zone(brand="lx", files=files)
 
     code, _, err = sim.create(uuid)
 
