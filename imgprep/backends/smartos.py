@@ -152,8 +152,9 @@ else
     chmod "$mode" "$target"
 fi
 """
-# readlink: prints the target of $1 if it is a symlink (never follows it).
-_READLINK_SCRIPT = r"""if [ -L "$1" ]; then readlink "$1"; fi
+# readlink: `ls -ld` of $1 if it is a symlink ("... $1 -> target"; illumos has no
+# readlink(1)); never follows it.
+_READLINK_SCRIPT = r"""if [ -L "$1" ]; then ls -ld -- "$1"; fi
 """
 # present: prints each argument that exists (a dangling symlink counts).
 _PRESENT_SCRIPT = r"""for p; do
@@ -366,8 +367,9 @@ class SmartosBackend(Backend):
                 )
         if brand == "lx" and zonepath and not problems:
             root = f"{zonepath}/root"
-            init = self._run(["/bin/sh", "-c", _READLINK_SCRIPT, "imgprep-readlink", f"{root}/{LX_INIT}"]).stdout
-            if not init.strip().endswith("/systemd") or not self._present_in_zone(["etc/systemd/system"], root):
+            listing = self._run(["/bin/sh", "-c", _READLINK_SCRIPT, "imgprep-readlink", f"{root}/{LX_INIT}"]).stdout
+            init = listing.rpartition(" -> ")[2].strip() if " -> " in listing else ""
+            if not init.endswith("/systemd") or not self._present_in_zone(["etc/systemd/system"], root):
                 problems.append(
                     f"lx zone {name} does not boot systemd (/{LX_INIT} is not a link to systemd); "
                     "imgprep's early service for lx zones is a systemd unit"
@@ -482,8 +484,9 @@ class SmartosBackend(Backend):
         """lx zones: the early systemd unit and runner of the Linux guest side, reporting via mdata."""
         script = request.script
         if request.script_is_default:  # the zone runs Linux: the Linux cleanup
-            script = artifacts.artifact(LX_DEFAULT_SCRIPT).read_bytes()
-            self.state["operator_script"] = Path(LX_DEFAULT_SCRIPT).name
+            default = artifacts.artifact(LX_DEFAULT_SCRIPT)
+            script = default.read_bytes()
+            self.params["script_name"] = default.name  # the job record says which script ran
         mode: artifacts.Mode = "legacy" if request.mode == "legacy" else "early"
         timeout = int(self.config.timeouts.prepare)
         link = artifacts.wants_link(mode)

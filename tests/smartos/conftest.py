@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import random
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,30 @@ ORIGIN_IMAGE = {
     "generate_passwords": True,
     "description": "not inherited",
 }
+
+LX_ORIGIN: dict[str, Any] = {
+    "v": 2,
+    "uuid": "7b5981c4-1889-11e7-b4c5-3f3bdfc9b88b",
+    "name": "debian-12",
+    "version": "20250101",
+    "type": "lx-dataset",
+    "os": "linux",
+    "requirements": {"brand": "lx", "min_platform": {"7.0": "20240101T000000Z"}},
+    "users": [{"name": "root"}],
+}
+
+# Large parts of the guest tree a zone does not need (kernel, modules, docs, apt lists):
+# they only make every simulated snapshot and send slower.
+LX_EXCLUDES = (
+    "./dev/*",
+    "./boot/*",
+    "./usr/lib/modules",
+    "./usr/share/doc",
+    "./usr/share/man",
+    "./usr/share/locale",
+    "./var/lib/apt/lists",
+    "./var/cache/apt",
+)
 
 # The prototype zone: identity the default cleanup removes, content it keeps, and
 # enough data for a stream that can be cut in the middle.
@@ -134,3 +161,37 @@ def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
     finally:
         server.close()
         node.shutdown()
+
+
+@pytest.fixture(scope="session")
+def lx_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Linux tree an lx zone is created from: a trimmed copy of the end-to-end test
+    guest's (built on first use and cached, like the end-to-end tests). Needs root and
+    systemd-nspawn; with ``IMGPREP_REQUIRE_E2E=1`` a missing piece fails the test
+    instead of skipping it."""
+    reason = _probe()
+    if reason is not None:
+        if os.environ.get("IMGPREP_REQUIRE_E2E") == "1":
+            pytest.fail(f"lx simulator tests cannot run here: {reason}")
+        pytest.skip(f"lx simulator tests cannot run here: {reason}")
+    from tests import guestimage
+
+    source = guestimage.build().rootfs
+    tree = tmp_path_factory.mktemp("lx") / "tree"
+    tree.mkdir()
+    excludes = [f"--exclude={pattern}" for pattern in LX_EXCLUDES]
+    pack = subprocess.Popen(["tar", "-C", str(source), *excludes, "-cf", "-", "."], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-C", str(tree), "-xf", "-"], stdin=pack.stdout, check=True)
+    assert pack.wait() == 0
+    # The zone has no NIC in the simulator: nothing to wait for before multi-user.
+    (tree / "etc/systemd/system/systemd-networkd-wait-online.service").symlink_to("/dev/null")
+    return tree
+
+
+def _probe() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (systemd-nspawn)"
+    for tool in ("systemd-nspawn", "nsenter", "debootstrap"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/setup-host installs it)"
+    return None

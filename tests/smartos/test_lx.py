@@ -8,9 +8,7 @@ gives it, the runner, the Linux cleanup script, the report through ``mdata-put``
 What is simulated: everything of the compute node (vmadm, zfs, the lx brand, the
 metadata agent); see tests/simulator/node.py.
 
-Needs root, systemd-nspawn and the cached test guest (built on first use, like the
-end-to-end tests); with ``IMGPREP_REQUIRE_E2E=1`` a missing piece fails instead of
-skipping.
+Needs root, systemd-nspawn and the cached test guest (``lx_tree`` in conftest.py).
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,33 +23,12 @@ from typing import Any
 
 import pytest
 
+from imgprep.jobstore import JobStore
 from tests.simulator import open_stream, read_send_stream, tree_digest
-from tests.smartos.conftest import Node
+from tests.smartos.conftest import LX_ORIGIN, Node
 
-LX_ORIGIN: dict[str, Any] = {
-    "v": 2,
-    "uuid": "7b5981c4-1889-11e7-b4c5-3f3bdfc9b88b",
-    "name": "debian-12",
-    "version": "20250101",
-    "type": "lx-dataset",
-    "os": "linux",
-    "requirements": {"brand": "lx", "min_platform": {"7.0": "20240101T000000Z"}},
-    "users": [{"name": "root"}],
-}
 # What a normal boot of the prototype creates once its daemons run (the control).
 NODE_ID = "var/lib/demo-identity/node-id"
-# Large parts of the guest tree a zone does not need (kernel, modules, docs, apt lists):
-# they only make every simulated snapshot and send slower.
-EXCLUDES = (
-    "./dev/*",
-    "./boot/*",
-    "./usr/lib/modules",
-    "./usr/share/doc",
-    "./usr/share/man",
-    "./usr/share/locale",
-    "./var/lib/apt/lists",
-    "./var/cache/apt",
-)
 PROTOTYPE_FILES = {
     "etc/ssh/ssh_host_ed25519_key": b"PROTOTYPE PRIVATE HOST KEY\n",
     "root/.ssh/authorized_keys": b"ssh-ed25519 AAAA operator@laptop\n",
@@ -65,37 +40,6 @@ IMGPREP_PATHS = (
     "root/etc/systemd/system/sysinit.target.wants/imgprep-prepare.service",
     "root/var/lib/imgprep-prepare",
 )
-
-
-def _probe() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (systemd-nspawn)"
-    for tool in ("systemd-nspawn", "nsenter", "debootstrap"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (scripts/setup-host installs it)"
-    return None
-
-
-@pytest.fixture(scope="session")
-def lx_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Linux tree an lx zone is created from (a trimmed copy of the test guest's)."""
-    reason = _probe()
-    if reason is not None:
-        if os.environ.get("IMGPREP_REQUIRE_E2E") == "1":
-            pytest.fail(f"lx simulator tests cannot run here: {reason}")
-        pytest.skip(f"lx simulator tests cannot run here: {reason}")
-    from tests import guestimage
-
-    source = guestimage.build().rootfs
-    tree = tmp_path_factory.mktemp("lx") / "tree"
-    tree.mkdir()
-    excludes = [f"--exclude={pattern}" for pattern in EXCLUDES]
-    pack = subprocess.Popen(["tar", "-C", str(source), *excludes, "-cf", "-", "."], stdout=subprocess.PIPE)
-    subprocess.run(["tar", "-C", str(tree), "-xf", "-"], stdin=pack.stdout, check=True)
-    assert pack.wait() == 0
-    # The zone has no NIC in the simulator: nothing to wait for before multi-user.
-    (tree / "etc/systemd/system/systemd-networkd-wait-online.service").symlink_to("/dev/null")
-    return tree
 
 
 @pytest.fixture
@@ -157,6 +101,9 @@ def test_lx_zone_early_unit_image_report_and_rollback_with_a_control_boot(lx: No
     assert report["targets"]["sysinit.target"] == "inactive"
     assert report["targets"]["multi-user.target"] == "inactive"
     assert report["targets"]["local-fs.target"] == "active"
+    # no --script: the Linux cleanup ran, not the SmartOS one, and the record says so
+    job = JobStore(lx.state_dir).get(result["job_uuid"])
+    assert job["params"]["script_name"] == "linux-prepare-image"
 
     # the image: Linux cleanup done, no daemon state, no imgprep trace, content kept
     with open_stream(image) as f:
