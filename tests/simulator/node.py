@@ -117,7 +117,8 @@ class Faults:
 
 @dataclasses.dataclass
 class BootRecord:
-    """One boot of a zone as the simulated svc.startd ran it."""
+    """One boot of a zone as the simulated svc.startd ran it. An lx zone's boot is run by
+    its own systemd, which the simulator does not trace: only ``halted`` and ``ended``."""
 
     started: list[str] = dataclasses.field(default_factory=list)  # instances, in the order they started
     methods: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # start methods really run
