@@ -338,6 +338,8 @@ class SmartosBackend(Backend):
         problems: list[str] = []
         if brand not in ZONE_BRANDS:
             problems.append(f"VM {name} has brand {brand!r}; the SmartOS backend prepares {', '.join(ZONE_BRANDS)}")
+        if self.params.get("mode") == "legacy" and brand != "lx":
+            problems.append(f"--mode legacy (the classic late placement) exists for systemd guests; {name} is {brand}")
         state = vm.get("state")
         if state not in ("running", "stopped"):
             problems.append(f"VM {name} is {state!r}; it must be running or stopped")

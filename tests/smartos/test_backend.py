@@ -343,6 +343,14 @@ def test_an_lx_zone_without_systemd_is_refused_before_anything_is_touched(sim: N
     assert sim.node.mutating_commands() == []
 
 
+def test_late_placement_is_refused_for_smf_zones(sim: Node) -> None:
+    uuid = sim.zone()
+    code, _, err = sim.create(uuid, "--mode", "legacy")
+    assert code == 2
+    assert "--mode legacy (the classic late placement) exists for systemd guests; proto is joyent" in err
+    assert sim.node.mutating_commands() == []
+
+
 def test_zstd_is_refused_for_zone_images(sim: Node) -> None:
     uuid = sim.zone()
     code, _, err = sim.create(uuid, compression="zstd")
