@@ -7,6 +7,7 @@ files stay readable and ``systemd-analyze verify`` can check the rendered result
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -64,3 +65,37 @@ def render_armed(*, channel: str, script_timeout: int, remove: Sequence[str], rm
         "IMGPREP_RMDIRS": " ".join(rmdirs),
     }
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestFile:
+    """One file (or, with ``link``, a symlink to ``link``) a Linux guest gets, by absolute path."""
+
+    path: str
+    data: bytes = b""
+    mode: int = 0o644
+    link: str = ""
+
+
+def linux_injection(
+    *, mode: Mode, script: bytes, script_timeout: int, channel: str, wants_dir_exists: bool
+) -> list[GuestFile]:
+    """What a systemd guest gets for the prepare boot, in the order to write it: the
+    operator script, the runner, the unit, its wants link, and last the armed file (a
+    partial injection never runs). Files under PREFIX belong in a 0700 directory; the
+    wants directory, if the guest lacks it, is created by the caller and removed by the
+    runner."""
+    link = wants_link(mode)
+    armed = render_armed(
+        channel=channel,
+        script_timeout=script_timeout,
+        remove=[UNIT_PATH, link],
+        rmdirs=[] if wants_dir_exists else [str(Path(link).parent)],
+    )
+    return [
+        GuestFile(f"{PREFIX}/operator-script", script, 0o700),
+        GuestFile(f"{PREFIX}/runner", artifact("units/imgprep-prepare-runner").read_bytes(), 0o755),
+        GuestFile(UNIT_PATH, render_unit(mode, script_timeout).encode(), 0o644),
+        GuestFile(link, link=UNIT_PATH),
+        GuestFile(f"{PREFIX}/armed", armed.encode(), 0o600),
+    ]

@@ -306,10 +306,7 @@ class LibvirtBackend(Backend):
     def inject(self, request: CreateRequest) -> None:
         persistent = self._persistent_xml()
         _, port = prepare_xml(persistent, self._channel_path())
-        timeout = int(self.config.timeouts.prepare)
         mode: artifacts.Mode = "legacy" if request.mode == "legacy" else "early"
-        unit = artifacts.render_unit(mode, timeout)
-        runner = artifacts.artifact("units/imgprep-prepare-runner").read_bytes()
         link = artifacts.wants_link(mode)
         wants_dir = str(Path(link).parent)
         disks = [(Path(d["path"]), d["format"]) for d in self._disks(persistent)]
@@ -329,24 +326,23 @@ class LibvirtBackend(Backend):
                 "version": f"{guest.inspect('major_version')}.{guest.inspect('minor_version')}",
                 "product": guest.inspect("product_name"),
             }
-            rmdirs = []
-            if not guest.is_dir(wants_dir):
-                guest.mkdir_p(wants_dir)
-                rmdirs.append(wants_dir)
-            armed = artifacts.render_armed(
+            wants_dir_exists = guest.is_dir(wants_dir)
+            files = artifacts.linux_injection(
+                mode=mode,
+                script=request.script,
+                script_timeout=int(self.config.timeouts.prepare),
                 channel=f"/dev/ttyS{port}",
-                script_timeout=timeout,
-                remove=[artifacts.UNIT_PATH, link],
-                rmdirs=rmdirs,
+                wants_dir_exists=wants_dir_exists,
             )
+            if not wants_dir_exists:
+                guest.mkdir_p(wants_dir)
             guest.rm_rf(artifacts.PREFIX)
             guest.mkdir_p(artifacts.PREFIX, 0o700)
-            guest.write(f"{artifacts.PREFIX}/operator-script", request.script, 0o700)
-            guest.write(f"{artifacts.PREFIX}/runner", runner, 0o755)
-            guest.write(artifacts.UNIT_PATH, unit.encode(), 0o644)
-            guest.symlink(artifacts.UNIT_PATH, link)
-            # armed last: a partial injection never runs
-            guest.write(f"{artifacts.PREFIX}/armed", armed.encode(), 0o600)
+            for f in files:  # in order: the armed file is last
+                if f.link:
+                    guest.symlink(f.link, f.path)
+                else:
+                    guest.write(f.path, f.data, f.mode)
 
     def boot_prepare(self) -> None:
         dom = self._domain()

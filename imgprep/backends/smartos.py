@@ -490,20 +490,23 @@ class SmartosBackend(Backend):
             script = default.read_bytes()
             self.params["script_name"] = default.name  # the job record says which script ran
         mode: artifacts.Mode = "legacy" if request.mode == "legacy" else "early"
-        timeout = int(self.config.timeouts.prepare)
-        link = artifacts.wants_link(mode)
-        wants_dir = link.rsplit("/", 1)[0]
-        rmdirs = [] if self._present_in_zone([wants_dir.lstrip("/")]) else [wants_dir]
-        armed = artifacts.render_armed(
-            channel=f"mdata:{LX_MDATA_PUT}", script_timeout=timeout, remove=[artifacts.UNIT_PATH, link], rmdirs=rmdirs
+        wants_dir = artifacts.wants_link(mode).rsplit("/", 1)[0].lstrip("/")
+        files = artifacts.linux_injection(
+            mode=mode,
+            script=script,
+            script_timeout=int(self.config.timeouts.prepare),
+            channel=f"mdata:{LX_MDATA_PUT}",
+            wants_dir_exists=bool(self._present_in_zone([wants_dir])),
         )
-        runner = artifacts.artifact("units/imgprep-prepare-runner").read_bytes()
         return [  # the prefix directory is created 0700, as the libvirt backend does
-            ZoneFile(f"{LX_PREFIX_IN_ZONE}/operator-script", script, "0700", dirmode="0700"),
-            ZoneFile(f"{LX_PREFIX_IN_ZONE}/runner", runner, "0755", dirmode="0700"),
-            ZoneFile(LX_UNIT_IN_ZONE, artifacts.render_unit(mode, timeout).encode(), "0644"),
-            ZoneFile(link.lstrip("/"), link=artifacts.UNIT_PATH),
-            ZoneFile(f"{LX_PREFIX_IN_ZONE}/armed", armed.encode(), "0600", dirmode="0700"),
+            ZoneFile(
+                f.path.lstrip("/"),
+                f.data,
+                f"{f.mode:04o}",
+                dirmode="0700" if f.path.startswith(artifacts.PREFIX + "/") else "0755",
+                link=f.link,
+            )
+            for f in files
         ]
 
     def boot_prepare(self) -> None:
