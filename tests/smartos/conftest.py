@@ -74,6 +74,17 @@ PROTOTYPE_FILES = {
 }
 
 
+def summary(out: str) -> dict[str, Any]:
+    """The last line of ``imgprep create --json``: the job's result."""
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return result
+
+
+def events(out: str) -> list[dict[str, Any]]:
+    """The events ``imgprep create --json`` printed before its result."""
+    return [json.loads(line) for line in out.splitlines()[:-1]]
+
+
 @dataclasses.dataclass
 class Node:
     """The simulated node and everything a test needs to drive imgprep against it."""

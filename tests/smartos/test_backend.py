@@ -23,7 +23,7 @@ import pytest
 from imgprep.jobstore import JobStore
 from imgprep.ssh import SshTarget
 from tests.simulator import open_stream, read_send_stream, tree_digest
-from tests.smartos.conftest import ORIGIN_IMAGE, PROTOTYPE_FILES, Node
+from tests.smartos.conftest import ORIGIN_IMAGE, PROTOTYPE_FILES, Node, events, summary
 
 REPO = Path(__file__).resolve().parents[2]
 OP = "svc:/site/imgprep/operator-script:default"
@@ -39,15 +39,6 @@ HELD = (
     "svc:/milestone/multi-user:default",
     "svc:/milestone/multi-user-server:default",
 )
-
-
-def summary(out: str) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(out.splitlines()[-1])
-    return result
-
-
-def events(out: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.splitlines()[:-1]]
 
 
 def record(sim: Node, out: str) -> dict[str, Any]:

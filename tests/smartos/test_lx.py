@@ -16,16 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from imgprep.jobstore import JobStore
+from tests.api.conftest import wait_for
 from tests.simulator import open_stream, read_send_stream, tree_digest
-from tests.smartos.conftest import LX_ORIGIN, Node
+from tests.smartos.conftest import LX_ORIGIN, Node, events, summary
 
 # What a normal boot of the prototype creates once its daemons run (the control).
 NODE_ID = "var/lib/demo-identity/node-id"
@@ -55,19 +53,6 @@ def lx_zone(sim: Node, tree: Path, *, running: bool) -> str:
     )
 
 
-def summary(out: str) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(out.splitlines()[-1])
-    return result
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
-
-
 def test_lx_zone_early_unit_image_report_and_rollback_with_a_control_boot(lx: Node, lx_tree: Path) -> None:
     uuid = lx_zone(lx, lx_tree, running=True)
     root = lx.node.zone_root(uuid)
@@ -80,8 +65,7 @@ def test_lx_zone_early_unit_image_report_and_rollback_with_a_control_boot(lx: No
     assert code == 0, err
     result = summary(out)
     assert result["execution"] == "succeeded"
-    guest_states = [json.loads(line)["state"] for line in out.splitlines()[:-1] if '"event": "guest"' in line]
-    assert guest_states == ["running", "success"]
+    assert [e["state"] for e in events(out) if e["event"] == "guest"] == ["running", "success"]
 
     # the manifest: an lx image, as imgadm makes one from an lx zone
     image = Path(result["file"])
@@ -137,7 +121,7 @@ def test_lx_zone_early_unit_image_report_and_rollback_with_a_control_boot(lx: No
     assert boots[1].halted
 
     # CONTROL: the same zone booted normally does start the daemons, which write state
-    wait_for((root / NODE_ID).exists, 120, "demo-identity's node-id in the restarted zone")
+    wait_for("demo-identity's node-id in the restarted zone", (root / NODE_ID).exists, timeout=120)
     assert lx.node.lx_systemctl(uuid, "is-active", "demo-identity.service").stdout.strip() == "active"
 
 
