@@ -52,6 +52,7 @@ PACKAGES = (
     "etcd-server",
     "redis-server",
     "nginx",
+    "qemu-guest-agent",
 )
 APP_SERVICES = ("demo-identity.service", "etcd.service", "redis-server.service", "nginx.service")
 DISK_SIZE = "2G"
@@ -82,6 +83,33 @@ NOT_ON_FIRST_BOOT = """[Unit]
 # Test fixture: not started on the image's first boot, so the prototype has never
 # run this daemon; every later boot starts it.
 ConditionFirstBoot=no
+"""
+
+WRITER = """#!/bin/sh
+# imgprep-test-writer: append a counter and a timestamp to a file, fsync'ed, several
+# times a second, continuing from the last entry, so a capture of a running guest can
+# be checked for a point in time (the last entry) and for gaps (none, in the guest).
+set -eu
+log=/var/lib/imgprep-test-writer/counter.log
+mkdir -p "${log%/*}"
+n=$(tail -n 1 "$log" 2>/dev/null | cut -d' ' -f1)
+n=${n:-0}
+while :; do
+    n=$((n + 1))
+    printf '%s %s\\n' "$n" "$(date +%s.%N)" >> "$log"
+    sync "$log"
+    sleep 0.2
+done
+"""
+
+WRITER_UNIT = """[Unit]
+Description=Test writer: a counter appended and fsync'ed several times a second
+
+[Service]
+ExecStart=/usr/local/bin/imgprep-test-writer
+
+[Install]
+WantedBy=multi-user.target
 """
 
 FSTAB = "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"
@@ -119,7 +147,7 @@ def recipe_key() -> str:
         "packages": PACKAGES,
         "app_services": APP_SERVICES,
         "disk_size": DISK_SIZE,
-        "files": [DEMO_DAEMON, DEMO_UNIT, NOT_ON_FIRST_BOOT, FSTAB, HOSTS],
+        "files": [DEMO_DAEMON, DEMO_UNIT, NOT_ON_FIRST_BOOT, FSTAB, HOSTS, WRITER, WRITER_UNIT],
         "code": [inspect.getsource(f) for f in (_customize, _write, _symlink, build)],
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -164,6 +192,13 @@ def _customize(root: Path) -> None:
         root,
         "/etc/systemd/system/multi-user.target.wants/demo-identity.service",
         "/etc/systemd/system/demo-identity.service",
+    )
+    _write(root, "/usr/local/bin/imgprep-test-writer", WRITER, 0o755)
+    _write(root, "/etc/systemd/system/imgprep-test-writer.service", WRITER_UNIT)
+    _symlink(
+        root,
+        "/etc/systemd/system/multi-user.target.wants/imgprep-test-writer.service",
+        "/etc/systemd/system/imgprep-test-writer.service",
     )
     for service in APP_SERVICES:
         _write(root, f"/etc/systemd/system/{service}.d/10-not-on-first-boot.conf", NOT_ON_FIRST_BOOT)
@@ -237,8 +272,18 @@ def domain_xml(
     extra_cmdline: str = "",
     extra_disks: tuple[Path, ...] = (),
     root: str = "/dev/vda",
+    agent: bool = True,
 ) -> str:
-    """libvirt XML for a software-emulated domain booting the test guest."""
+    """libvirt XML for a software-emulated domain booting the test guest (``agent``: with
+    the QEMU guest agent's virtio-serial channel)."""
+    agent_channel = (
+        """
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>"""
+        if agent
+        else ""
+    )
     more = "".join(
         f"""
     <disk type='file' device='disk'>
@@ -276,7 +321,7 @@ def domain_xml(
     <console type='file'>
       <source path='{console_log}'/>
       <target type='serial' port='0'/>
-    </console>
+    </console>{agent_channel}
     <memballoon model='none'/>
   </devices>
 </domain>
