@@ -1,8 +1,9 @@
 """End-to-end fixtures: a real libvirtd, real QEMU (software emulation), a real Debian guest.
 
-Nothing here is mocked. The tests are gated on a capability probe (libvirtd reachable,
-libguestfs importable, debootstrap present); with ``IMGPREP_REQUIRE_E2E=1`` (set by the
-test command and CI) a failed probe FAILS the session instead of skipping it.
+Nothing here is mocked. The tests are gated on capabilities (``tests.capabilities``:
+libvirtd reachable, libguestfs importable, debootstrap and qemu-img present, root); with
+``IMGPREP_REQUIRE_E2E=1`` (set by ``scripts/test`` and CI) a missing one FAILS the tests
+instead of skipping them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.capabilities import requires
 from tests.guestimage import GuestImage, build, build_split, domain_xml, remove_domain
 
 LIBVIRT_URI = "qemu:///system"
@@ -30,29 +32,14 @@ BOOT_TIMEOUT = 300.0
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _probe() -> str | None:
-    """Why the e2e tests cannot run here, or None."""
-    try:
-        import guestfs  # noqa: F401
-        import libvirt
-    except ImportError as exc:
-        return f"python bindings missing: {exc}"
-    if shutil.which("debootstrap") is None or shutil.which("qemu-img") is None:
-        return "debootstrap or qemu-img not installed"
-    try:
-        libvirt.open(LIBVIRT_URI).close()
-    except libvirt.libvirtError as exc:
-        return f"libvirtd not reachable at {LIBVIRT_URI}: {exc}"
-    return None
+# What the end-to-end tests need: the guest image is built with debootstrap and qemu-img
+# (as root), the prototype runs under libvirtd, imgprep edits it with libguestfs.
+E2E_NEEDS = ("root", "libvirtd", "libguestfs", "debootstrap", "qemu-img")
 
 
 @pytest.fixture(scope="session")
 def guest_image() -> GuestImage:
-    reason = _probe()
-    if reason is not None:
-        if os.environ.get("IMGPREP_REQUIRE_E2E") == "1":
-            pytest.fail(f"end-to-end tests required but cannot run: {reason}")
-        pytest.skip(f"end-to-end tests cannot run here: {reason}")
+    requires(*E2E_NEEDS)
     os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
     os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
     return build()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.capabilities import requires
 from tests.guestimage import build
 
 REPO = Path(__file__).resolve().parents[2]
@@ -448,24 +449,11 @@ def run_script(root: Path, shell: str = "/bin/sh", guest_path: str = GUEST_PATH)
     return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300, check=False)
 
 
-def _probe() -> str | None:
-    """Why this module cannot run here, or None: the capability, not the user, decides."""
-    for tool in ("unshare", "chroot", "mount"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    probe = subprocess.run(
-        ["unshare", "--mount", "--pid", "--fork", "--", "chroot", "/", "true"],
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if probe.returncode != 0:
-        return "cannot unshare mount/pid namespaces and chroot (needs CAP_SYS_ADMIN)"
-    return None
-
-
-CANNOT_RUN = _probe()
-pytestmark = pytest.mark.skipif(CANNOT_RUN is not None, reason=str(CANNOT_RUN))
+@pytest.fixture(autouse=True, scope="module")
+def _namespaces() -> None:
+    """Every test runs the script in mount/pid namespaces under chroot: the capability,
+    not the user, decides."""
+    requires("chroot-namespaces", "debootstrap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -693,9 +681,8 @@ def test_every_operation_is_reported_and_documented(dash_run: Run) -> None:
 
 
 def test_keygen_unit_passes_systemd_analyze_verify(tree: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed on this host")
+    requires("systemd-analyze")
+    analyze = "systemd-analyze"
     assert_succeeded(seeded_run(tree))
     name = KEYGEN_UNIT.rsplit("/", 1)[1]
     verify = subprocess.run([analyze, "verify", f"--root={tree}", name], capture_output=True, text=True, check=False)
@@ -715,9 +702,9 @@ def test_second_run_changes_nothing(tree: Path) -> None:
 
 def test_busybox_ash_and_applets(tree: Path) -> None:
     """Alpine-like userland: busybox ash, and busybox applets ahead of GNU tools."""
+    requires("busybox")
     busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.skip("busybox is not installed on this host (apt-get install busybox)")
+    assert busybox is not None
     bin_dir = tree / SCAFFOLD.lstrip("/") / "bin"
 
     def install_busybox() -> None:

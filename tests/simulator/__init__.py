@@ -3,7 +3,7 @@
 A real SSH server on 127.0.0.1 (:mod:`.server`) in front of a simulated global zone
 (:mod:`.node`): ``vmadm``, ``zfs``, ``imgadm`` and ``sysinfo`` with the semantics of
 their manual pages over directories standing in for ZFS datasets, and a zone "boot"
-that orders the zone's SMF manifests with ``imgprep.smf_model`` and really runs the
+that orders the zone's SMF manifests with ``tests.smf_model`` and really runs the
 start methods it finds (imgprep's), with fake in-zone commands (:mod:`.fakebin`).
 It is a simulation: what it cannot show is listed in docs/smartos-backend.md.
 """

@@ -21,7 +21,7 @@ What is modelled, after the manual pages (vmadm(8), zfs(8), imgadm(8)):
   line, then a tar of the snapshot (see :func:`read_send_stream`).
 * ``vmadm start`` boots the zone: a simulated svc.startd imports the manifests found in
   the zone root (``/lib/svc/manifest``, ``/var/svc/manifest``,
-  ``/opt/local/lib/svc/manifest``), orders the instances with ``imgprep.smf_model``
+  ``/opt/local/lib/svc/manifest``), orders the instances with ``tests.smf_model``
   (illumos's dependency semantics), brings them online in that order and really runs
   every start method whose file exists in the zone (in practice imgprep's), under
   ``/bin/sh`` with ``IMGPREP_ROOT`` set to the zone root and the fake in-zone commands
@@ -64,8 +64,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
 
-from imgprep.smf_model import ServiceGraph, load_manifests
 from tests.simulator.fakebin import FAKE_COMMANDS, SCRIPT
+from tests.smf_model import ServiceGraph, load_manifests
 
 REPO = Path(__file__).resolve().parents[2]
 SMF_DATA = REPO / "tests" / "data" / "smf"

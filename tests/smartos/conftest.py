@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import random
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 
 from imgprep.backends.smartos import SmartosBackend
 from imgprep.cli import main
+from tests.capabilities import requires
 from tests.simulator import ComputeNode, SshSimulator, write_known_hosts
 
 ORIGIN_IMAGE = {
@@ -180,11 +179,7 @@ def lx_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     guest's (built on first use and cached, like the end-to-end tests). Needs root and
     systemd-nspawn; with ``IMGPREP_REQUIRE_E2E=1`` a missing piece fails the test
     instead of skipping it."""
-    reason = _probe()
-    if reason is not None:
-        if os.environ.get("IMGPREP_REQUIRE_E2E") == "1":
-            pytest.fail(f"lx simulator tests cannot run here: {reason}")
-        pytest.skip(f"lx simulator tests cannot run here: {reason}")
+    requires("root", "systemd-nspawn", "nsenter", "debootstrap")
     from tests import guestimage
 
     source = guestimage.build().rootfs
@@ -197,12 +192,3 @@ def lx_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The zone has no NIC in the simulator: nothing to wait for before multi-user.
     (tree / "etc/systemd/system/systemd-networkd-wait-online.service").symlink_to("/dev/null")
     return tree
-
-
-def _probe() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (systemd-nspawn)"
-    for tool in ("systemd-nspawn", "nsenter", "debootstrap"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (scripts/setup-host installs it)"
-    return None

@@ -9,9 +9,9 @@ Every test in tests/unit runs with ``subprocess.Popen``, ``os.system`` and
 Anything else raises ``UnplannedSubprocess``, and the test fails at teardown even if the
 code under test swallowed that exception.
 
-``test_smf.py`` (another suite, not to be edited here) runs its shell scripts under
-several shells with its own fakes on PATH; it is exempt, as is any module that sets
-``pytestmark = pytest.mark.unguarded_subprocess``.
+A module that plans its own subprocesses sets ``pytestmark = pytest.mark.unguarded_subprocess``.
+Tests that need root, namespaces or a particular shell are not unit tests: they live in
+tests/host and tests/integration.
 """
 
 from __future__ import annotations
@@ -20,13 +20,9 @@ import os
 import shlex
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-# Modules written before the guard, which plan their subprocesses themselves.
-UNGUARDED_MODULES = frozenset({"test_smf.py"})
 
 
 class UnplannedSubprocess(AssertionError):
@@ -108,8 +104,7 @@ class SubprocessGuard:
 def subprocess_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[SubprocessGuard]:
     allowed = {str(name) for mark in request.node.iter_markers("allow_subprocess") for name in mark.args}
     guard = SubprocessGuard(allowed)
-    module = Path(str(request.node.fspath)).name
-    if module in UNGUARDED_MODULES or request.node.get_closest_marker("unguarded_subprocess"):
+    if request.node.get_closest_marker("unguarded_subprocess"):
         yield guard
         return
     guard.install(monkeypatch)

@@ -21,6 +21,7 @@ from imgprep.artifacts import (
     render_unit,
     wants_link,
 )
+from tests.capabilities import requires
 
 SYSTEM_UNITS = Path("/lib/systemd/system")
 
@@ -125,8 +126,7 @@ def test_placeholders_in_comments_and_plain_at_signs_are_fine() -> None:
 def system_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root tree for ``systemd-analyze verify --root``: the host's stock units (read only
     copies), plus the real runner at the unit's ExecStart path."""
-    if shutil.which("systemd-analyze") is None or not (SYSTEM_UNITS / "local-fs.target").exists():
-        pytest.skip("systemd-analyze and the stock systemd units are needed")
+    requires("systemd-analyze", "stock-systemd-units")
     root = tmp_path_factory.mktemp("sysroot")
     shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
     runner = root / PREFIX.lstrip("/") / "runner"

@@ -8,7 +8,6 @@ import io
 import json
 import lzma
 import random
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from imgprep.errors import CommandError
 from imgprep.export import CompressingWriter, ExportResult, export_disk, output_name
+from tests.capabilities import requires
 
 pytestmark = pytest.mark.allow_subprocess("qemu-img", "setpriv")  # export runs qemu-img under setpriv --pdeathsig
 
@@ -33,8 +33,7 @@ def qemu_img(*args: str) -> str:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     """A 3 MiB disk: random data, a zero hole and a text marker; as qcow2, with its raw bytes."""
-    if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img is not installed")
+    requires("qemu-img")
     work = tmp_path_factory.mktemp("src")
     rng = random.Random(109)
     raw = rng.randbytes(MiB) + bytes(MiB) + b"imgprep marker\n" * 100
@@ -94,8 +93,7 @@ def test_export_checksums_sizes_and_content(
 @pytest.mark.allow_subprocess("qemu-io")
 def test_export_flattens_a_backing_chain(source: tuple[Path, bytes], tmp_path: Path) -> None:
     disk, raw = source
-    if shutil.which("qemu-io") is None:
-        pytest.skip("qemu-io is not installed")
+    requires("qemu-io")
     overlay = tmp_path / "overlay.qcow2"
     qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", str(disk), str(overlay))
     subprocess.run(

@@ -7,7 +7,7 @@ fake ``systemctl`` (which records its arguments) over /usr/bin/systemctl. Mount
 propagation is private: nothing is visible outside the namespace, and the pid namespace
 kills anything left behind. The channel is a plain file, parsed with ChannelParser.
 
-Needs: root-equivalent capabilities for mount namespaces (probed; skipped otherwise).
+Needs: private mount namespaces (``requires("mount-namespaces")``: root or CAP_SYS_ADMIN).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import pytest
 
 from imgprep.artifacts import PREFIX, UNIT_NAME, UNIT_PATH, artifact, render_armed, wants_link
 from imgprep.channel import ChannelParser, GuestStatus
-
-pytestmark = pytest.mark.allow_subprocess("unshare")
+from tests.capabilities import requires
 
 GUEST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # what the runner sets for itself
 MOUNTS = {"varlib": "/var/lib", "run": "/run", "etcsys": "/etc/systemd/system"}
@@ -93,29 +92,12 @@ exit 0
 
 
 @pytest.fixture(scope="module")
-def namespaces(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Capability probe: a private mount namespace with bind mounts over the fixed paths."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare(1) is not installed")
-    if shutil.which("systemctl", path=GUEST_PATH) != "/usr/bin/systemctl":
-        pytest.skip("needs /usr/bin/systemctl to bind the fake over (and nothing earlier on the runner's PATH)")
+def namespaces() -> None:
+    """A private mount namespace with bind mounts over the fixed paths, and the real
+    systemctl at /usr/bin/systemctl to bind the fake over."""
+    requires("mount-namespaces", "usr-bin-systemctl")
     for target in MOUNTS.values():
-        if not Path(target).is_dir():
-            pytest.skip(f"{target} does not exist here")
-    probe = tmp_path_factory.mktemp("probe")
-    (probe / "a").mkdir()
-    (probe / "b").mkdir()
-    (probe / "a" / "seen").write_text("yes")
-    proc = subprocess.run(
-        [*UNSHARE, "/bin/sh", "-c", 'mount --no-mtab --bind "$1/a" "$1/b"', "sh", str(probe)],
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-        timeout=30,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"no private mount namespaces here: {proc.stderr.decode().strip()}")
-    assert not (probe / "b" / "seen").exists()  # the bind mount stayed inside the namespace
+        assert Path(target).is_dir(), f"{target} is not a directory here"
 
 
 @dataclasses.dataclass
