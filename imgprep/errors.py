@@ -40,6 +40,12 @@ class NotSupported(ImgprepError):
     code = "NotSupported"
 
 
+class MissingDependency(ImgprepError):
+    """A host dependency imgprep cannot install itself (it is not on PyPI) is missing."""
+
+    code = "MissingDependency"
+
+
 class TransientError(ImgprepError):
     """A failure worth retrying (dropped connection, busy daemon). Never a wrong answer."""
 

@@ -3,6 +3,10 @@
 The guest filesystem is mounted inside libguestfs' own appliance VM, never on the
 host: a hostile filesystem cannot reach the host kernel. One appliance launch per
 use (they take ~30 s under software emulation), so callers batch their work.
+
+The libguestfs Python bindings are not on PyPI: they come with the system's libguestfs
+(Debian's ``python3-guestfs``) and are imported only when a guest is opened, so that
+everything else (``--help``, a bad VM name, ``jobs``, ``serve``) works without them.
 """
 
 from __future__ import annotations
@@ -14,15 +18,27 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import guestfs
-
-from imgprep.errors import ImgprepError, NotSupported
+from imgprep.errors import ImgprepError, MissingDependency, NotSupported
 
 log = logging.getLogger(__name__)
 
 
 class GuestfsError(ImgprepError):
     code = "GuestfsError"
+
+
+MISSING_BINDINGS = (
+    "the libguestfs Python bindings (module guestfs) are missing: install Debian's python3-guestfs "
+    "and run imgprep with the system python3 or from a venv made with --system-site-packages"
+)
+
+
+def _guestfs() -> Any:
+    try:
+        import guestfs
+    except ImportError:
+        raise MissingDependency(MISSING_BINDINGS) from None
+    return guestfs
 
 
 class Guest:
@@ -81,8 +97,13 @@ class Guest:
 
 @contextlib.contextmanager
 def open_guest(disks: Sequence[tuple[Path, str]], *, readonly: bool, force_tcg: bool) -> Iterator[Guest]:
-    """Launch the appliance over ``disks`` (path, format), inspect, mount the OS."""
-    g = guestfs.GuestFS(python_return_dict=True)
+    """Launch the appliance over ``disks`` (path, format), inspect, mount the OS.
+
+    Every filesystem the guest's fstab names must mount: a guest with ``/var`` on its own
+    filesystem that did not mount would get its files written under the root filesystem's
+    empty ``/var``, where the booted guest never sees them.
+    """
+    g = _guestfs().GuestFS(python_return_dict=True)
     if force_tcg or os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "") == "force_tcg":
         g.set_backend_settings(["force_tcg"])
     try:
@@ -104,7 +125,7 @@ def open_guest(disks: Sequence[tuple[Path, str]], *, readonly: bool, force_tcg: 
                 else:
                     g.mount(mounts[mountpoint], mountpoint)
             except RuntimeError as exc:
-                log.warning("cannot mount %s on %s: %s", mounts[mountpoint], mountpoint, exc)
+                raise GuestfsError(f"cannot mount {mounts[mountpoint]} on {mountpoint}: {exc}") from None
         guest = Guest(g, root)
         yield guest
         if not readonly:

@@ -109,8 +109,17 @@ def _real_systemctl() -> str | None:
     return None
 
 
+def _python_venv() -> str | None:
+    try:
+        import ensurepip  # noqa: F401
+    except ImportError:
+        return "python3 -m venv cannot install pip (Debian package python3-venv)"
+    return None
+
+
 PROBES: dict[str, Callable[[], str | None]] = {
     "root": _root,
+    "python-venv": _python_venv,
     "mount-namespaces": _mount_namespaces,
     "chroot-namespaces": _chroot_namespaces,
     "libvirtd": _libvirtd,
