@@ -32,10 +32,8 @@ from tests.api.conftest import (
     wait_for,
     wait_job,
 )
-from tests.simulator import ComputeNode, SshSimulator, tree_digest
-from tests.smartos.conftest import LX_ORIGIN, ORIGIN_IMAGE, PROTOTYPE_FILES, lx_tree
-
-__all__ = ["lx_tree"]  # the fixture, imported to be used here
+from tests.simulator import ComputeNode, SshSimulator
+from tests.smartos.conftest import ORIGIN_IMAGE, PROTOTYPE_FILES
 
 PROTOTYPE = {k: v for k, v in PROTOTYPE_FILES.items() if k != "opt/local/lib/app/data.bin"}  # small: fast
 TIMEOUTS = {"stop": 10, "boot": 15, "prepare": 30, "shutdown": 15}
@@ -223,29 +221,3 @@ def socketless_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
-
-
-def test_lx_zone_through_the_api(cluster: Cluster, client: httpx.Client, lx_tree: Path) -> None:
-    """An lx zone (its real systemd in systemd-nspawn, tests/simulator) through the API:
-    the Linux cleanup by default, an lx-dataset manifest, the file's sha1, the rollback."""
-    node = cluster.nodes["cn1"]
-    node.add_image(LX_ORIGIN)
-    vm = node.create_zone(alias="lxproto", brand="lx", image_uuid=str(LX_ORIGIN["uuid"]), tree=lx_tree)
-    before = tree_digest(node.zonepath(vm))
-
-    response = create(client, vm, {"name": "lx", "version": "1.0.0"})
-    assert response.status_code == 200, response.text
-    image_uuid = response.json()["image_uuid"]
-    job = wait_job(client, response.json()["job_uuid"], "succeeded", "failed", "canceled")
-
-    assert job["execution"] == "succeeded", job.get("error")
-    assert job["params"]["script_name"] == "linux-prepare-image"
-    manifest = client.get(f"/images/{image_uuid}").json()
-    assert manifest["type"] == "lx-dataset"
-    assert manifest["os"] == "linux"
-    assert manifest["requirements"]["brand"] == "lx"
-    file = client.get(f"/images/{image_uuid}/file")
-    assert hashlib.sha1(file.content).hexdigest() == manifest["files"][0]["sha1"]
-    assert node.state(vm) == "stopped"
-    assert node.snapshot_names(f"zones/{vm}") == []
-    assert tree_digest(node.zonepath(vm)) == before
