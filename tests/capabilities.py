@@ -131,6 +131,7 @@ PROBES: dict[str, Callable[[], str | None]] = {
     "systemd-analyze": _tool("systemd-analyze", "systemd"),
     "systemd-nspawn": _tool("systemd-nspawn", "systemd-container"),
     "nsenter": _tool("nsenter", "util-linux"),
+    "setpriv": _tool("setpriv", "util-linux"),
     "debootstrap": _tool("debootstrap", "debootstrap"),
     "busybox": _tool("busybox", "busybox"),
     "dash": _tool("dash", "dash"),

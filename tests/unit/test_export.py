@@ -33,7 +33,7 @@ def qemu_img(*args: str) -> str:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     """A 3 MiB disk: random data, a zero hole and a text marker; as qcow2, with its raw bytes."""
-    requires("qemu-img")
+    requires("qemu-img", "setpriv")
     work = tmp_path_factory.mktemp("src")
     rng = random.Random(109)
     raw = rng.randbytes(MiB) + bytes(MiB) + b"imgprep marker\n" * 100
@@ -110,6 +110,7 @@ def test_export_flattens_a_backing_chain(source: tuple[Path, bytes], tmp_path: P
 
 
 def test_bad_source_leaves_nothing_behind(tmp_path: Path) -> None:
+    requires("qemu-img", "setpriv")
     bad = tmp_path / "not-a.qcow2"
     bad.write_bytes(b"this is not a qcow2 image" * 100)
     out = tmp_path / "out"
@@ -124,6 +125,7 @@ def test_bad_source_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_missing_source_is_a_command_error(tmp_path: Path) -> None:
+    requires("qemu-img", "setpriv")
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(CommandError):
