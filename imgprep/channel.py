@@ -31,6 +31,8 @@ _INT_KEYS = {
     "unit_start_us",
     "script_start_us",
     "script_end_us",
+    "sync_start_us",
+    "clean_us",
     "finish_us",
     "script_exit",
 }

@@ -299,7 +299,9 @@ def test_success(namespaces: None, tmp_path: Path) -> None:
         "multi-user.target": "inactive",
     }
     assert report["poweroff"] == "unit"
-    assert 0 < report["script_start_us"] <= report["script_end_us"] <= report["finish_us"]
+    stamps = ["script_start_us", "script_end_us", "sync_start_us", "clean_us", "finish_us"]
+    assert 0 < report[stamps[0]]
+    assert [report[k] for k in stamps] == sorted(report[k] for k in stamps)
     assert_cleaned_up(run)
     calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
     # no systemctl call before the script: its first call reads the units afterwards
@@ -475,6 +477,9 @@ def test_fast_poweroff_remounts_read_only_then_cuts_power(namespaces: None, tmp_
     assert remounts == ["-o remount,ro /srv/with space", "-o remount,ro /boot/efi", "-o remount,ro /"]
     assert (run.tree / "proc" / "sysrq-trigger").read_text() == "o\n"
     assert (run.tree / "run" / "sleep.args").read_text() == "sleep 30\n"  # waits for the kernel
+    # it ran from a copy in /run: the deleted original must not be held open at the remount
+    copy = run.tree / "run" / "imgprep-prepare.runner"
+    assert copy.read_bytes() == artifact("units/imgprep-prepare-runner").read_bytes()
     assert_cleaned_up(run)
     calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
     assert not any("poweroff" in c for c in calls)  # sysrq worked: no fallback
