@@ -300,7 +300,7 @@ def test_success(namespaces: None, tmp_path: Path) -> None:
     }
     assert report["poweroff"] == "unit"
     stamps = ["script_start_us", "script_end_us", "sync_start_us", "clean_us", "finish_us"]
-    assert 0 < report[stamps[0]]
+    assert report[stamps[0]] > 0
     assert [report[k] for k in stamps] == sorted(report[k] for k in stamps)
     assert_cleaned_up(run)
     calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
