@@ -49,6 +49,7 @@ if [ "$2" = fast ]; then
     cp /usr/bin/mount "$t/realmount"
     "$t/realmount" --no-mtab --bind "$t/sleep" /usr/bin/sleep
     "$t/realmount" --no-mtab --bind "$t/proc" /proc
+    if [ -e /dev/kmsg ]; then "$t/realmount" --no-mtab --bind "$t/kmsg" /dev/kmsg; fi
     "$t/realmount" --no-mtab --bind "$t/mount" /usr/bin/mount
     [ "$(cat /proc/imgprep-fake)" = yes ] && grep -q IMGPREP-FAKE /usr/bin/mount || exit 99
 fi
@@ -217,6 +218,7 @@ def make_tree(
         (tree / "proc" / "imgprep-fake").write_text("yes\n")
         (tree / "proc" / "mounts").write_text(FAKE_MOUNTS)
         (tree / "proc" / "sysrq-trigger").write_text("untouched\n")
+        (tree / "kmsg").write_text("")
         for name, text in (("mount", FAKE_MOUNT), ("sleep", FAKE_SLEEP)):
             (tree / name).write_text(text)
             (tree / name).chmod(0o755)
@@ -476,6 +478,7 @@ def test_fast_poweroff_remounts_read_only_then_cuts_power(namespaces: None, tmp_
     remounts = (run.tree / "run" / "mount.args").read_text().splitlines()
     assert remounts == ["-o remount,ro /srv/with space", "-o remount,ro /boot/efi", "-o remount,ro /"]
     assert (run.tree / "proc" / "sysrq-trigger").read_text() == "o\n"
+    assert (run.tree / "kmsg").read_text() == "imgprep-prepare: reported, powering off\n"
     assert (run.tree / "run" / "sleep.args").read_text() == "sleep 30\n"  # waits for the kernel
     # it ran from a copy in /run: the deleted original must not be held open at the remount
     copy = run.tree / "run" / "imgprep-prepare.runner"
