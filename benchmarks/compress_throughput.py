@@ -3,9 +3,9 @@
 For each compression, the same raw bytes (a flattened disk, or a slice of one) go
 through:
 
-* ``imgprep``: ``imgprep.compress.CompressingWriter`` as the export uses it: Python
-  reads the raw file, the parallel compressor (``pigz`` / ``xz -T0``) compresses, a
-  reader thread hashes (sha1 + sha256) and writes the output file, then fsync;
+* ``imgprep``: ``imgprep.compress.compress_file`` as the export uses it: the parallel
+  compressor (``pigz`` / ``xz -T0``) reads the raw file itself, a reader thread hashes
+  (sha1 + sha256) and writes its output file, then fsync;
 * ``bare``: the same compressor command alone, raw file on stdin, output to a file;
 * ``python``: for the record, the single-threaded stdlib compressor at the same level
   (what imgprep used before).
@@ -30,18 +30,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from imgprep.compress import CHUNK, LEVEL, CompressingWriter, compressor_command
+from imgprep.compress import CHUNK, LEVEL, compress_file, compressor_command
 
 MB = 1_000_000
 
 
 def _imgprep(raw: Path, out: Path, compression: str) -> float:
     t0 = time.monotonic()
-    with raw.open("rb") as source, out.open("wb") as f:
-        writer = CompressingWriter(f, compression)
-        while chunk := source.read(CHUNK):
-            writer.write(chunk)
-        writer.finish()
+    with out.open("wb") as f:
+        compress_file(raw, f, compression)
         f.flush()
         os.fsync(f.fileno())
     return time.monotonic() - t0

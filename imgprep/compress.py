@@ -5,9 +5,10 @@ a parallel compressor in a child process: ``pigz`` for gzip, ``xz -T0`` for xz, 
 level 6 (their default, and what imgprep used before). Their output is an ordinary
 gzip member / .xz stream (xz: one block per thread's chunk), read by any gzip / xz.
 
-Data flows: ``write()`` -> the compressor's stdin; a reader thread takes its stdout,
-hashes it (sha1 for IMGAPI, sha256), counts it and writes it to the target file. One
-pass, no temporary file. The child runs under ``setpriv --pdeathsig KILL``: if imgprep
+Data flows into the compressor's stdin: from a file it reads itself (``compress_file``,
+the libvirt export's flattened raw disk: no copy through Python) or from ``write()``
+(the SmartOS ``zfs send`` stream). A reader thread takes its stdout, hashes it (sha1
+for IMGAPI, sha256), counts it and writes it to the target file. One pass. The child runs under ``setpriv --pdeathsig KILL``: if imgprep
 dies, so does the compressor (as for ``qemu-img``: nothing writes on behind the back
 of ``imgprep jobs recover``); ``abort()`` (or dropping the writer) kills it too.
 """
@@ -24,7 +25,9 @@ import subprocess
 import tempfile
 import threading
 import weakref
-from typing import BinaryIO
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
 
 from imgprep.errors import CommandError, ImgprepError
 
@@ -95,7 +98,8 @@ class CompressingWriter:
     that lives until ``finish()`` (the child's parent-death signal follows that thread).
     """
 
-    def __init__(self, target: BinaryIO, compression: str, *, threads: int = 0) -> None:
+    def __init__(self, target: BinaryIO, compression: str, *, threads: int = 0, source: BinaryIO | None = None) -> None:
+        """``source``: a file the compressor reads itself, as its stdin (then no ``write()``)."""
         if compression not in STREAM_COMPRESSIONS:
             raise ValueError(f"stream compression must be one of {STREAM_COMPRESSIONS}, got {compression!r}")
         self._sink = _Sink(target)
@@ -109,7 +113,8 @@ class CompressingWriter:
         cmd = ["setpriv", "--pdeathsig", "KILL", "--", *self._command]
         log.debug("run: %s", shlex.join(cmd))
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by finish/abort)
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+        stdin: Any = source if source is not None else subprocess.PIPE
+        self._proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=self._stderr)
         self._finalizer = weakref.finalize(self, _kill, self._proc)
         self._reader = threading.Thread(
             target=_drain, args=(self._proc, self._sink), name="compress-reader", daemon=True
@@ -130,11 +135,35 @@ class CompressingWriter:
             return ImgprepError(f"writing the compressed image failed: {self._sink.error}", code="ExportFailed")
         return CommandError(self._command, code, "", stderr)
 
+    def wait(self, timeout: float) -> bool:
+        """With ``source``: True once the compressor has exited (read all, or failed)."""
+        if self._proc is None:
+            return True
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def input_position(self) -> int | None:
+        """With ``source``: how far the compressor has read it (its stdin's file offset)."""
+        if self._proc is None:
+            return None
+        try:
+            text = Path(f"/proc/{self._proc.pid}/fdinfo/0").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("pos:"):
+                return int(line.split()[1])
+        return None
+
     def write(self, data: bytes) -> None:
         if self._proc is None:
             self._sink.take(data)
             return
-        assert self._proc.stdin is not None
+        if self._proc.stdin is None:
+            raise ValueError("this writer's compressor reads its source file itself")
         try:
             self._proc.stdin.write(data)
         except BrokenPipeError:
@@ -144,10 +173,10 @@ class CompressingWriter:
     def finish(self) -> tuple[int, str, str]:
         """Flush the compressor; (size, sha1, sha256) of the compressed output."""
         if self._proc is not None:
-            assert self._proc.stdin is not None
             assert self._reader is not None
-            with contextlib.suppress(BrokenPipeError):
-                self._proc.stdin.close()
+            if self._proc.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    self._proc.stdin.close()
             self._reader.join()
             code = self._proc.wait()
             if code != 0 or self._sink.error is not None:
@@ -169,3 +198,51 @@ class CompressingWriter:
                 self._proc.stdin.close()
         if self._reader is not None:
             self._reader.join()
+
+
+class Cancellable(Protocol):
+    @property
+    def is_set(self) -> bool: ...
+
+
+def compress_file(
+    source: Path,
+    target: BinaryIO,
+    compression: str,
+    *,
+    progress: Callable[[float], None] = lambda _fraction: None,
+    cancel: Cancellable | None = None,
+    threads: int = 0,
+    poll: float = 0.5,
+) -> tuple[int, str, str]:
+    """Compress a file (e.g. a flattened raw disk) into ``target``; (size, sha1, sha256).
+
+    The compressor reads ``source`` itself (no copy through Python): imgprep only hashes
+    and writes its output, and follows its read offset for ``progress`` (0..1)."""
+    total = max(source.stat().st_size, 1)
+    with source.open("rb") as src:
+        if compression == "none":
+            writer = CompressingWriter(target, compression)
+            done = 0
+            while chunk := src.read(CHUNK):
+                writer.write(chunk)
+                done += len(chunk)
+                progress(done / total)
+                if cancel is not None and cancel.is_set:
+                    raise InterruptedError("export canceled")
+            return writer.finish()
+        writer = CompressingWriter(target, compression, threads=threads, source=src)
+        try:
+            while True:
+                exited = writer.wait(poll)
+                position = total if exited else writer.input_position()
+                if position is not None:
+                    progress(min(position / total, 1.0))
+                if cancel is not None and cancel.is_set:  # also when it has just finished
+                    raise InterruptedError("export canceled")
+                if exited:
+                    break
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            raise

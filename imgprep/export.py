@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from imgprep.compress import STREAM_COMPRESSIONS, CompressingWriter
+from imgprep.compress import STREAM_COMPRESSIONS, CompressingWriter, compress_file
 from imgprep.errors import CommandError
 
 __all__ = ["STREAM_COMPRESSIONS", "CompressingWriter", "ExportResult", "export_disk", "output_name"]
@@ -121,21 +121,10 @@ def _compress_stream(
     progress: Callable[[float], None],
     cancel: Cancellable | None,
 ) -> tuple[int, str, str]:
-    total = max(raw.stat().st_size, 1)
-    done = 0
-    with raw.open("rb") as source, dest.open("wb") as out:
-        writer = CompressingWriter(out, compression)
-        try:
-            while chunk := source.read(CHUNK):
-                writer.write(chunk)
-                done += len(chunk)
-                progress(50.0 + 50.0 * done / total)
-                if cancel is not None and cancel.is_set:
-                    raise InterruptedError("export canceled")
-            result = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+    with dest.open("wb") as out:
+        result = compress_file(
+            raw, out, compression, progress=lambda fraction: progress(50.0 + 50.0 * fraction), cancel=cancel
+        )
         out.flush()
         os.fsync(out.fileno())
     return result

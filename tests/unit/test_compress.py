@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from imgprep.compress import CompressingWriter, compressor_command
+from imgprep.compress import CompressingWriter, compress_file, compressor_command
 from imgprep.errors import CommandError, ImgprepError
 
 pytestmark = pytest.mark.allow_subprocess("setpriv")
@@ -163,3 +163,42 @@ def test_a_missing_compressor_is_a_one_line_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ImgprepError, match="pigz is not installed"):
         CompressingWriter(io.BytesIO(), "gzip")
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "xz"])
+def test_compress_file_round_trip_with_progress(compression: str, tmp_path: Path) -> None:
+    data = random.Random(5).randbytes(2_000_000) + bytes(3_000_000)
+    source = tmp_path / "disk.raw"
+    source.write_bytes(data)
+    seen: list[float] = []
+    target = io.BytesIO()
+    size, sha1, sha256 = compress_file(source, target, compression, progress=seen.append, poll=0.01)
+    written = target.getvalue()
+    assert (size, sha1, sha256) == (
+        len(written),
+        hashlib.sha1(written, usedforsecurity=False).hexdigest(),
+        hashlib.sha256(written).hexdigest(),
+    )
+    assert DECOMPRESS[compression](written) == data
+    assert seen == sorted(seen)
+    assert seen[-1] == 1.0
+
+
+class CancelAt:
+    """Canceled once any progress has been reported."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.seen)
+
+
+def test_compress_file_cancel_stops_the_export(tmp_path: Path) -> None:
+    source = tmp_path / "disk.raw"
+    source.write_bytes(random.Random(9).randbytes(4_000_000))
+    cancel = CancelAt()
+    with pytest.raises(InterruptedError):
+        compress_file(source, io.BytesIO(), "xz", progress=cancel.seen.append, cancel=cancel, poll=0.01)
+    assert cancel.seen  # control: it got as far as reporting progress
