@@ -8,9 +8,10 @@ gzip member / .xz stream (xz: one block per thread's chunk), read by any gzip / 
 Data flows into the compressor's stdin: from a file it reads itself (``compress_file``,
 the libvirt export's flattened raw disk: no copy through Python) or from ``write()``
 (the SmartOS ``zfs send`` stream). A reader thread takes its stdout, hashes it (sha1
-for IMGAPI, sha256), counts it and writes it to the target file. One pass. The child runs under ``setpriv --pdeathsig KILL``: if imgprep
-dies, so does the compressor (as for ``qemu-img``: nothing writes on behind the back
-of ``imgprep jobs recover``); ``abort()`` (or dropping the writer) kills it too.
+for IMGAPI, sha256), counts it and writes it to the target file. One pass. The child
+runs under ``setpriv --pdeathsig KILL``: if imgprep dies, so does the compressor (as
+for ``qemu-img``: nothing writes on behind the back of ``imgprep jobs recover``);
+``abort()`` (or dropping the writer) kills it too.
 """
 
 from __future__ import annotations
