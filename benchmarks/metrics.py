@@ -234,6 +234,8 @@ def timings(raw: Mapping[str, Any]) -> dict[str, float | None]:
         "guest_poweroff_s": _sub(w["prepare_off"], offset),
         "script_run_s": _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query),
         "runner_before_script_s": _sub(_us(report, "script_start_us"), _us(report, "unit_start_us")),
+        # of which systemd's own: unit start -> the runner's process forked
+        "unit_to_exec_s": _sub(_us(report, "exec_start_us"), _us(report, "unit_start_us")),
         "runner_after_script_s": _sub(_us(report, "finish_us"), _us(report, "script_end_us")),
         # the physical limit: the unit's start + the script + a clean power-off (the
         # write-back and, with the fast power-off, the read-only remount), all guest clock
@@ -445,7 +447,8 @@ TIMING_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Guest clock: kernel start → power-off", "guest_poweroff_s", "s"),
     ("Guest clock: kernel start → kernel powers down (console)", "guest_power_down_s", "s"),
     ("Operator script run time", "script_run_s", "s"),
-    ("imgprep's runner before the script (report, list services)", "runner_before_script_s", "s"),
+    ("Unit start → operator script starts", "runner_before_script_s", "s"),
+    ("  of which systemd: unit start → runner process forked", "unit_to_exec_s", "s"),
     ("imgprep's runner after the script (remove itself, sync, report)", "runner_after_script_s", "s"),
     ("Clean power-off (sync, read-only remount; guest clock)", "clean_poweroff_s", "s"),
     ("Runner's last report → guest off (guest clock)", "last_report_to_off_s", "s"),

@@ -29,6 +29,7 @@ _INT_KEYS = {
     "initrd_us",
     "userspace_us",
     "unit_start_us",
+    "exec_start_us",
     "script_start_us",
     "script_end_us",
     "sync_start_us",

@@ -88,6 +88,7 @@ prop() {  # prop NAME UNIT
     case "$1:$2" in
     Id:*) echo "$2" ;;
     InactiveExitTimestampMonotonic:imgprep-prepare.service) echo 2000000 ;;
+    ExecMainStartTimestampMonotonic:imgprep-prepare.service) echo 2100000 ;;
     InactiveExitTimestampMonotonic:systemd-journald.service) echo 900000 ;;
     InactiveExitTimestampMonotonic:cron.service) echo 1900000 ;;
     InactiveExitTimestampMonotonic:early-oneshot.service) echo 1000000 ;;
@@ -288,6 +289,7 @@ def test_success(namespaces: None, tmp_path: Path) -> None:
     assert report["unit"] == UNIT_NAME
     assert report["script_exit"] == 0
     assert report["unit_start_us"] == 2000000
+    assert report["exec_start_us"] == 2100000  # systemd forked the runner
     assert report["userspace_us"] == 1500000
     # up at some time while the script ran: not the unit itself, not one stopped before
     # the script or started after it, nor one never started
