@@ -22,6 +22,7 @@ import gzip
 import json
 import lzma
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,21 +81,30 @@ def slice_of(source: Path, megabytes: int, workdir: Path) -> Path:
     return sample
 
 
-def measure(raw: Path, compressions: tuple[str, ...] = ("gzip", "xz"), *, python: bool = True) -> dict[str, Any]:
-    """Every compression's wall-clock seconds and MB/s per pipeline, and imgprep / bare."""
+def measure(
+    raw: Path, compressions: tuple[str, ...] = ("gzip", "xz"), *, python: bool = True, repeat: int = 3
+) -> dict[str, Any]:
+    """Every compression's wall-clock seconds and MB/s per pipeline (medians of ``repeat``
+    rounds, the pipelines alternating within each round, so that a change in the host's
+    load hits them alike), and imgprep / bare."""
     size = raw.stat().st_size
-    results: dict[str, Any] = {"raw_bytes": size, "cores": os.cpu_count(), "compressions": {}}
+    results: dict[str, Any] = {"raw_bytes": size, "cores": os.cpu_count(), "repeat": repeat, "compressions": {}}
     with tempfile.TemporaryDirectory(dir=raw.parent, prefix=".compress-bench-") as tmp:
         for compression in compressions:
             row: dict[str, Any] = {"command": compressor_command(compression)}
             pipelines = [("bare", _bare), ("imgprep", _imgprep)] + ([("python", _python)] if python else [])
-            for name, fn in pipelines:
-                out = Path(tmp) / f"{name}.{compression}"
-                seconds = fn(raw, out, compression)
-                row[f"{name}_s"] = round(seconds, 3)
-                row[f"{name}_mbps"] = round(size / MB / seconds, 2) if seconds > 0 else None
-                row[f"{name}_out_bytes"] = out.stat().st_size
-                out.unlink()
+            seconds: dict[str, list[float]] = {name: [] for name, _ in pipelines}
+            for _ in range(repeat):
+                for name, fn in pipelines:
+                    out = Path(tmp) / f"{name}.{compression}"
+                    seconds[name].append(fn(raw, out, compression))
+                    row[f"{name}_out_bytes"] = out.stat().st_size
+                    out.unlink()
+            for name, values in seconds.items():
+                mid = statistics.median(values)
+                row[f"{name}_s"] = round(mid, 3)
+                row[f"{name}_all_s"] = [round(v, 3) for v in values]
+                row[f"{name}_mbps"] = round(size / MB / mid, 2) if mid > 0 else None
             row["imgprep_vs_bare"] = round(row["imgprep_mbps"] / row["bare_mbps"], 3) if row.get("bare_mbps") else None
             if python and row.get("python_mbps"):
                 row["imgprep_vs_python"] = round(row["imgprep_mbps"] / row["python_mbps"], 2)
@@ -104,7 +114,8 @@ def measure(raw: Path, compressions: tuple[str, ...] = ("gzip", "xz"), *, python
 
 def markdown_table(results: Mapping[str, Any]) -> str:
     lines = [
-        f"Raw bytes: {results['raw_bytes'] / MB:.0f} MB, {results['cores']} cores.",
+        f"Raw bytes: {results['raw_bytes'] / MB:.0f} MB, {results['cores']} cores; medians of "
+        f"{results.get('repeat', 1)} alternating rounds.",
         "",
         "| Compression | bare compressor | imgprep (compress + sha1/sha256 + write) | imgprep / bare "
         "| single-threaded Python (before) |",
@@ -127,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("raw", type=Path, help="a raw disk image (or any file) to compress")
     parser.add_argument("--sample-mb", type=int, default=0, help="use only this many MB of non-zero data (0: all)")
     parser.add_argument("--no-python", action="store_true", help="skip the single-threaded stdlib comparison")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds; the medians are reported")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         raw = slice_of(args.raw, args.sample_mb, Path(tmp)) if args.sample_mb else args.raw
-        results = measure(raw, python=not args.no_python)
+        results = measure(raw, python=not args.no_python, repeat=args.repeat)
     print(json.dumps(results, indent=1, sort_keys=True) if args.json else markdown_table(results))
     return 0
 
