@@ -74,10 +74,10 @@ def slice_of(source: Path, megabytes: int, workdir: Path) -> Path:
     want = megabytes * MB
     zero = bytes(CHUNK)
     with source.open("rb") as src, sample.open("wb") as dst:
-        while want > 0 and (chunk := src.read(min(CHUNK, want))):
+        while want > 0 and (chunk := src.read(CHUNK)):
             if chunk != zero[: len(chunk)]:
-                dst.write(chunk)
-                want -= len(chunk)
+                dst.write(chunk[:want])
+                want -= min(len(chunk), want)
     return sample
 
 
