@@ -642,7 +642,13 @@ def write_outputs(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -
     summary = metrics.summarize(runs)
     results = {"meta": meta, "summary": summary, "runs": runs}
     (out / "early_vs_legacy.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    table = metrics.markdown_table(summary)
+    table = metrics.markdown_table(summary) + "\n" + metrics.limit_table(runs)
+    compress = meta.get("compress_throughput")
+    if compress:
+        from benchmarks import compress_throughput
+
+        table += "\nExport compression, imgprep against the bare compressor on the same raw bytes:\n\n"
+        table += compress_throughput.markdown_table(compress)
     header = (
         f"Early vs legacy operator script, {summary['runs_ok']['early']}+{summary['runs_ok']['legacy']} runs "
         f"alternating, {meta['date']}, on {meta['cpus']} CPUs ({meta['cpu_model']}), "
@@ -655,6 +661,25 @@ def write_outputs(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -
 
         chart.draw(summary, meta, out / "early_vs_legacy.png")
     return summary
+
+
+def measure_compression(base: Path, workdir: Path, sample_mb: int) -> dict[str, Any]:
+    """imgprep's gzip/xz pipeline against the bare compressor, on a sample of the test
+    disk flattened to raw (what the export compresses), with nothing else of ours running."""
+    from benchmarks import compress_throughput
+
+    raw = workdir / "compress-source.raw"
+    try:
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(base), str(raw)], check=True, timeout=1800)
+        sample = compress_throughput.slice_of(raw, sample_mb, workdir)
+        raw.unlink()
+        log.info("export compression: %d MB sample", sample.stat().st_size // 1_000_000)
+        try:
+            return compress_throughput.measure(sample)
+        finally:
+            sample.unlink(missing_ok=True)
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def load_summary(runs: list[dict[str, Any]]) -> str:
@@ -679,6 +704,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="before each run, wait up to this many seconds for other QEMU processes to finish (0: do not wait)",
     )
     parser.add_argument("--no-nic", action="store_true", help="no NIC and no network configuration in the guest")
+    parser.add_argument(
+        "--compress-sample-mb",
+        type=int,
+        default=256,
+        help="export compression: MB of the flattened test disk's data to compress with imgprep and bare (0: skip)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the prototypes' disks and images")
     parser.add_argument("--render-only", action="store_true", help="redo table and chart from --out's JSON")
     return parser.parse_args(argv)
@@ -729,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(derive(raw))
             meta["load_summary"] = load_summary(runs)
             write_outputs(out, meta, runs)
+    if args.compress_sample_mb:
+        meta["compress_throughput"] = measure_compression(base, args.vm_dir, args.compress_sample_mb)
     summary = write_outputs(out, meta, runs)
     print(metrics.markdown_table(summary))
     failed = summary["runs_failed"]

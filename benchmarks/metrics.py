@@ -150,6 +150,28 @@ def _us(report: Mapping[str, Any], key: str) -> float | None:
     return round(value / 1e6, 3) if isinstance(value, int) and value > 0 else None
 
 
+def printk_seen(lines: ConsoleLines, needle: str) -> float | None:
+    """The guest-clock stamp (s) of the last kernel-log line on the console containing ``needle``."""
+    found = None
+    for _when, text in lines:
+        if needle in text:
+            found = printk_stamp(text)
+    return found
+
+
+def _limit(report: Mapping[str, Any], script_run: float | None) -> float | None:
+    """unit start + script run time + clean power-off (guest clock, s): the prepare boot's floor."""
+    unit_start = _us(report, "unit_start_us")
+    clean = _sub(_us(report, "clean_us"), _us(report, "sync_start_us"))
+    if unit_start is None or script_run is None or clean is None:
+        return None
+    return round(unit_start + script_run + clean, 3)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
 def windows(raw: Mapping[str, Any]) -> dict[str, float | None]:
     """Host times that split a run into the prototype's first boot, the prepare boot and the restart."""
     steps = step_times(raw.get("events", []))
@@ -212,7 +234,24 @@ def timings(raw: Mapping[str, Any]) -> dict[str, float | None]:
         "guest_poweroff_s": _sub(w["prepare_off"], offset),
         "script_run_s": _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query),
         "runner_before_script_s": _sub(_us(report, "script_start_us"), _us(report, "unit_start_us")),
+        # of which systemd's own: unit start -> the runner's process forked
+        "unit_to_exec_s": _sub(_us(report, "exec_start_us"), _us(report, "unit_start_us")),
         "runner_after_script_s": _sub(_us(report, "finish_us"), _us(report, "script_end_us")),
+        # the physical limit: the unit's start + the script + a clean power-off (the
+        # write-back and, with the fast power-off, the read-only remount), all guest clock
+        "clean_poweroff_s": _sub(_us(report, "clean_us"), _us(report, "sync_start_us")),
+        "limit_s": _limit(report, _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query)),
+        "limit_ratio": _ratio(
+            printk_seen(prepare_lines, "reboot: Power down") or _sub(w["prepare_off"], offset),
+            _limit(report, _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query)),
+        ),
+        # guest clock, from the kernel's own lines on the console: its last line before
+        # ACPI S5, and the runner's mark after its last report (fast power-off only)
+        "guest_power_down_s": printk_seen(prepare_lines, "reboot: Power down"),
+        "last_report_to_off_s": _sub(
+            printk_seen(prepare_lines, "reboot: Power down"),
+            printk_seen(prepare_lines, "imgprep-prepare: reported, powering off") or _us(report, "finish_us"),
+        ),
         "downtime_s": _sub(w["restart_end"], w["stop_start"]),
         "usable_again_s": _sub(raw.get("usable_again"), w["stop_start"]),
         "export_s": elapsed("export"),
@@ -406,9 +445,15 @@ TIMING_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Guest clock: kernel start → operator-script unit starts", "guest_unit_start_s", "s"),
     ("Guest clock: kernel start → operator script starts", "guest_script_start_s", "s"),
     ("Guest clock: kernel start → power-off", "guest_poweroff_s", "s"),
+    ("Guest clock: kernel start → kernel powers down (console)", "guest_power_down_s", "s"),
     ("Operator script run time", "script_run_s", "s"),
-    ("imgprep's runner before the script (report, list services)", "runner_before_script_s", "s"),
+    ("Unit start → operator script starts", "runner_before_script_s", "s"),
+    ("  of which systemd: unit start → runner process forked", "unit_to_exec_s", "s"),
     ("imgprep's runner after the script (remove itself, sync, report)", "runner_after_script_s", "s"),
+    ("Clean power-off (sync, read-only remount; guest clock)", "clean_poweroff_s", "s"),
+    ("Runner's last report → guest off (guest clock)", "last_report_to_off_s", "s"),
+    ("Physical limit: unit start + script + clean power-off", "limit_s", "s"),
+    ("Prepare boot (guest clock: kernel start → off) / physical limit", "limit_ratio", "x"),
     ("Prototype downtime: stop begins → running again", "downtime_s", "s"),
     ("Prototype usable again: stop begins → login prompt", "usable_again_s", "s"),
     ("Stop the prototype (graceful shutdown)", "stop_guest_s", "s"),
@@ -430,6 +475,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return "n/a"
     if unit == "s":
         return f"{value:.1f} s"
+    if unit == "x":
+        return f"{value:.2f}x"
     return f"{value:.0f} {unit}"
 
 
@@ -439,6 +486,8 @@ def _fmt_spread(pair: Sequence[float] | None, unit: str) -> str:
     low, high = pair
     if unit == "s":
         return f" ({low:.1f}-{high:.1f})"
+    if unit == "x":
+        return f" ({low:.2f}-{high:.2f})"
     return f" ({low:.0f}-{high:.0f})"
 
 
@@ -490,4 +539,42 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         f"{_fmt(c['early']['written_during_prepare_median'], 'files')} | "
         f"{_fmt(c['legacy']['written_during_prepare_median'], 'files')} |"
     )
+    return "\n".join(lines) + "\n"
+
+
+# --- the physical limit of each prepare boot --------------------------------------------------
+
+LIMIT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("unit start", "guest_unit_start_s"),
+    ("script", "script_run_s"),
+    ("clean power-off", "clean_poweroff_s"),
+    ("limit", "limit_s"),
+    ("measured (kernel start → power down)", "guest_power_down_s"),
+    ("last report → off", "last_report_to_off_s"),
+)
+
+
+def limit_table(runs: Sequence[Mapping[str, Any]], goal: float = 1.1) -> str:
+    """Per prepare boot and as medians per mode: the physical limit (unit start + script
+    run time + clean power-off, from the boot report) next to the measured prepare boot
+    (guest clock) and their ratio, as Markdown."""
+    header = " | ".join(label for label, _ in LIMIT_COLUMNS)
+    lines = [f"| Prepare boot | {header} | measured / limit |", "|---|" + "---:|" * (len(LIMIT_COLUMNS) + 1)]
+    # every run whose prepare boot was measured, also one that failed later (e.g. the
+    # prototype's restart): the prepare boot's numbers stand on their own
+    ok = [r for r in runs if (r.get("timings") or {}).get("limit_s") is not None]
+    for run in ok:
+        t = run["timings"]
+        cells = " | ".join(_fmt(t.get(key), "s") for _, key in LIMIT_COLUMNS)
+        note = "" if run.get("ok") else " (run failed later)"
+        lines.append(f"| {run['mode']} {run['index']}{note} | {cells} | {_fmt(t.get('limit_ratio'), 'x')} |")
+    for mode in MODES:
+        rs = [r for r in ok if r["mode"] == mode]
+        if not rs:
+            continue
+        cells = " | ".join(_fmt(median(r["timings"].get(key) for r in rs), "s") for _, key in LIMIT_COLUMNS)
+        ratio_median = median(r["timings"].get("limit_ratio") for r in rs)
+        lines.append(f"| **{mode}, median ({len(rs)})** | {cells} | **{_fmt(ratio_median, 'x')}** |")
+    lines.append("")
+    lines.append(f"Goal: the early prepare boot at most {goal:.1f}x its physical limit.")
     return "\n".join(lines) + "\n"

@@ -55,10 +55,23 @@ def wants_link(mode: Mode) -> str:
     return f"/etc/systemd/system/{WANTED_BY[mode]}.wants/{UNIT_NAME}"
 
 
-def render_armed(*, channel: str, script_timeout: int, remove: Sequence[str], rmdirs: Sequence[str]) -> str:
-    """The shell-sourced file that arms the runner. Every value is quoted."""
+def render_armed(
+    *,
+    channel: str,
+    script_timeout: int,
+    remove: Sequence[str],
+    rmdirs: Sequence[str],
+    fast_poweroff: bool = False,
+) -> str:
+    """The shell-sourced file that arms the runner. Every value is quoted.
+
+    ``fast_poweroff``: the runner remounts every local filesystem read-only after its
+    cleanup and then powers the guest off at once (sysrq, i.e. reboot(2)) instead of
+    letting systemd stop units and unmount; it falls back to the unit's
+    SuccessAction/FailureAction if a remount fails."""
     values = {
         "IMGPREP_CHANNEL": channel,
+        "IMGPREP_POWEROFF": "fast" if fast_poweroff else "unit",
         "IMGPREP_SCRIPT_TIMEOUT": str(script_timeout),
         "IMGPREP_UNIT": UNIT_NAME,
         "IMGPREP_REMOVE": " ".join(remove),
@@ -84,9 +97,12 @@ def linux_injection(
     operator script, the runner, the unit, its wants link, and last the armed file (a
     partial injection never runs). Files under PREFIX belong in a 0700 directory; the
     wants directory, if the guest lacks it, is created by the caller and removed by the
-    runner."""
+    runner. The fast power-off is for the early unit on a serial channel only: in the
+    legacy placement daemons hold files open (a read-only remount would fail), and an
+    lx zone (``mdata:`` channel) is halted by its zone, not by a kernel of its own."""
     link = wants_link(mode)
     armed = render_armed(
+        fast_poweroff=mode == "early" and not channel.startswith("mdata:"),
         channel=channel,
         script_timeout=script_timeout,
         remove=[UNIT_PATH, link],

@@ -29,8 +29,11 @@ _INT_KEYS = {
     "initrd_us",
     "userspace_us",
     "unit_start_us",
+    "exec_start_us",
     "script_start_us",
     "script_end_us",
+    "sync_start_us",
+    "clean_us",
     "finish_us",
     "script_exit",
 }

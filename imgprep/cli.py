@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--manifest", type=Path, help="JSON file with IMGAPI manifest fields")
     create.add_argument("--script", type=Path, help="operator script (default: imgprep's prepare-image)")
     create.add_argument("--compression", choices=COMPRESSIONS, help="image compression (default zstd)")
+    create.add_argument(
+        "--strict",
+        action="store_true",
+        default=None,
+        help="fail (instead of warning) when the export exceeds what IMGAPI accepts (one file, at most 20 GiB)",
+    )
     create.add_argument("--output-dir", type=Path, help="where to write the image and manifest")
     create.add_argument("--prepare-timeout", type=_positive_seconds, help="seconds for the script to finish")
     create.add_argument("--boot-timeout", type=_positive_seconds, help="seconds from boot to 'running'")
@@ -139,6 +145,8 @@ class HumanEvents:
             self._line(line)
         elif kind == "guest":
             self._line(f"{stamp} guest: {event['state']}")
+        elif kind == "warning":
+            self._line(f"{stamp} warning: {event['message']}")
         elif kind == "progress":
             pct = float(event["percent"])
             if self.tty:
@@ -221,6 +229,7 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         backend=args.backend,
         host=args.host,
         mode=args.mode,
+        strict=args.strict,
     )
     cancel = CancelToken()
     events = JsonEvents(out) if args.json else HumanEvents(err)

@@ -67,6 +67,7 @@ class Config:
     compression: str | None = None  # None: the backend's default (libvirt zstd, smartos gzip)
     timeouts: Timeouts = Timeouts()
     force_stop: bool = False
+    strict: bool = False  # an export over IMGAPI's limits fails the job (imgprep.limits)
     script: Path | None = None
     libguestfs_tcg: bool = False
     retry_attempts: int = 5
@@ -233,7 +234,7 @@ def load_config(path: Path, base: Config | None = None) -> Config:
             if value not in COMPRESSIONS:
                 problems.add(node, key, f"must be one of {', '.join(COMPRESSIONS)}, got {value!r}")
             changes[key] = value
-        elif key in ("force_stop", "libguestfs_tcg"):
+        elif key in ("force_stop", "libguestfs_tcg", "strict"):
             changes[key] = _bool(node, key, problems)
         elif key == "retry_attempts":
             changes[key] = _int(node, key, problems)

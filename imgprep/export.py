@@ -4,8 +4,9 @@
   (``<uuid>.qcow2``), with zstd-compressed clusters for ``zstd``. The file is used as
   is, so the manifest says ``compression: none`` and ``format: qcow2``. qemu-img must
   seek in its output, so the checksum is a second read of the freshly written file.
-* ``gzip`` and ``xz``: a flattened raw image, stream-compressed and hashed in the
-  same pass (``<uuid>.raw.gz`` / ``<uuid>.raw.xz``).
+* ``gzip`` and ``xz``: a flattened raw image, stream-compressed on every core
+  (``pigz`` / ``xz -T0``, ``imgprep.compress``) and hashed in the same pass
+  (``<uuid>.raw.gz`` / ``<uuid>.raw.xz``).
 
 Output is written to a hidden temporary name and renamed when complete, so a
 crashed export never leaves a file that looks finished.
@@ -14,19 +15,20 @@ crashed export never leaves a file that looks finished.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import logging
-import lzma
 import os
 import re
 import shlex
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol, cast
+from typing import Protocol
 
+from imgprep.compress import STREAM_COMPRESSIONS, CompressingWriter, compress_file
 from imgprep.errors import CommandError
+
+__all__ = ["STREAM_COMPRESSIONS", "CompressingWriter", "ExportResult", "export_disk", "output_name"]
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
@@ -112,60 +114,6 @@ def _hash_file(path: Path) -> tuple[str, str]:
     return sha1.hexdigest(), sha256.hexdigest()
 
 
-class _HashingWriter:
-    """A file-like sink that hashes and counts what the compressor writes."""
-
-    def __init__(self, target: BinaryIO) -> None:
-        self.target = target
-        self.sha1 = hashlib.sha1(usedforsecurity=False)
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha1.update(data)
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.target.write(data)
-
-    def flush(self) -> None:
-        self.target.flush()
-
-
-STREAM_COMPRESSIONS = ("none", "gzip", "xz")
-
-
-class CompressingWriter:
-    """Compress (gzip | xz | none) what is written and hash the *compressed* bytes.
-
-    One pass, no temporary file: the libvirt backend feeds it a raw disk, the SmartOS
-    backend a ``zfs send`` stream arriving over SSH. ``finish()`` returns the size,
-    sha1 and sha256 of what reached ``target`` (what IMGAPI's ``files[0]`` describes).
-    """
-
-    def __init__(self, target: BinaryIO, compression: str) -> None:
-        if compression not in STREAM_COMPRESSIONS:
-            raise ValueError(f"stream compression must be one of {STREAM_COMPRESSIONS}, got {compression!r}")
-        self._sink = _HashingWriter(target)
-        self._compressor: gzip.GzipFile | lzma.LZMAFile | None = None
-        if compression == "gzip":
-            self._compressor = gzip.GzipFile(fileobj=cast(IO[bytes], self._sink), mode="wb", compresslevel=6, mtime=0)
-        elif compression == "xz":
-            self._compressor = lzma.LZMAFile(cast(IO[bytes], self._sink), mode="wb", preset=6)  # noqa: SIM115 (closed by finish)
-
-    def write(self, data: bytes) -> None:
-        if self._compressor is None:
-            self._sink.write(data)
-        else:
-            self._compressor.write(data)
-
-    def finish(self) -> tuple[int, str, str]:
-        """Flush the compressor; (size, sha1, sha256) of the compressed output."""
-        if self._compressor is not None:
-            self._compressor.close()
-        self._sink.flush()
-        return self._sink.size, self._sink.sha1.hexdigest(), self._sink.sha256.hexdigest()
-
-
 def _compress_stream(
     raw: Path,
     dest: Path,
@@ -173,17 +121,10 @@ def _compress_stream(
     progress: Callable[[float], None],
     cancel: Cancellable | None,
 ) -> tuple[int, str, str]:
-    total = max(raw.stat().st_size, 1)
-    done = 0
-    with raw.open("rb") as source, dest.open("wb") as out:
-        writer = CompressingWriter(out, compression)
-        while chunk := source.read(CHUNK):
-            writer.write(chunk)
-            done += len(chunk)
-            progress(50.0 + 50.0 * done / total)
-            if cancel is not None and cancel.is_set:
-                raise InterruptedError("export canceled")
-        result = writer.finish()
+    with dest.open("wb") as out:
+        result = compress_file(
+            raw, out, compression, progress=lambda fraction: progress(50.0 + 50.0 * fraction), cancel=cancel
+        )
         out.flush()
         os.fsync(out.fileno())
     return result

@@ -54,6 +54,7 @@ def build_request(
     host: str | None = None,
     mode: str = "early",
     image_uuid: str | None = None,
+    strict: bool | None = None,
 ) -> CreateRequest:
     """Check every user input that does not need the hypervisor; report all problems."""
     problems: list[str] = []
@@ -117,6 +118,7 @@ def build_request(
         host=host,
         mode=mode,
         script_is_default=script_path is None,
+        strict=config.strict if strict is None else strict,
     )
 
 

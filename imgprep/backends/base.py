@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+from imgprep import limits
 from imgprep.channel import GuestStatus
 from imgprep.config import Config
 from imgprep.errors import ImgprepError, PrepareFailed
@@ -43,6 +44,7 @@ class CreateRequest:
     host: str | None = None
     mode: str = "early"  # "legacy" = the classic late placement (benchmarks only)
     script_is_default: bool = False  # no script given: the backend may pick another default per guest
+    strict: bool = False  # an export over IMGAPI's limits fails the job (else: a warning)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -55,6 +57,7 @@ class CreateRequest:
             "backend": self.backend,
             "host": self.host,
             "mode": self.mode,
+            "strict": self.strict,
         }
 
 
@@ -143,6 +146,15 @@ class Backend(abc.ABC):
     def _export_step(self) -> None:
         result = self.export()
         self.state["export"] = {"path": str(result.path), **result.file_info()}
+        problems = limits.violations([result.file_info()])
+        if problems and self.params.get("strict"):
+            raise ImgprepError(
+                "the export exceeds what IMGAPI accepts (--strict): " + "; ".join(problems), code="ImgapiLimit"
+            )
+        for problem in problems:
+            log.warning("the export exceeds what IMGAPI accepts: %s", problem)
+            self.record.setdefault("warnings", []).append(problem)
+            self.emit({"event": "warning", "step": "export", "message": problem})
 
     def write_manifest(self) -> None:
         """Write ``<image_uuid>.imgmanifest`` atomically beside the image file."""

@@ -33,6 +33,9 @@ WANTS_DIR = "/etc/systemd/system/sysinit.target.wants"
 UNSHARE = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child"]
 
 # Bind the fake tree in, then run the runner the way systemd does: exec the file.
+# With "fast" (the fast power-off path), a fake /proc (uptime, mounts, sysrq-trigger as
+# plain files), sleep and mount are bound in too, so that nothing the runner remounts
+# or triggers can reach the host; the last check refuses to run the runner otherwise.
 NAMESPACE_SCRIPT = """
 set -e
 t=$1
@@ -40,20 +43,65 @@ mount --no-mtab --bind "$t/varlib" /var/lib
 mount --no-mtab --bind "$t/run" /run
 mount --no-mtab --bind "$t/etcsys" /etc/systemd/system
 mount --no-mtab --bind "$t/systemctl" /usr/bin/systemctl
+if [ "$2" = fast ]; then
+    cat /proc/uptime > "$t/proc/uptime"
+    cp /usr/bin/mount "$t/realmount"
+    "$t/realmount" --no-mtab --bind "$t/sleep" /usr/bin/sleep
+    "$t/realmount" --no-mtab --bind "$t/proc" /proc
+    if [ -e /dev/kmsg ]; then "$t/realmount" --no-mtab --bind "$t/kmsg" /dev/kmsg; fi
+    "$t/realmount" --no-mtab --bind "$t/mount" /usr/bin/mount
+    [ "$(cat /proc/imgprep-fake)" = yes ] && grep -q IMGPREP-FAKE /usr/bin/mount || exit 99
+fi
 exec /var/lib/imgprep-prepare/runner
 """
+
+# What the fast path sees as /proc/mounts: two filesystems to remount (innermost first),
+# one with an escaped space, and kinds it must leave alone.
+FAKE_MOUNTS = """\
+/dev/vda1 / ext4 rw,relatime 0 0
+proc /proc proc rw 0 0
+tmpfs /run tmpfs rw 0 0
+/dev/vda15 /boot/efi vfat rw 0 0
+/dev/vdb /srv/with\\040space xfs rw 0 0
+"""
+
+FAKE_MOUNT = """\
+#!/bin/sh
+# IMGPREP-FAKE mount: records its arguments; fails for the mount point in /run/mount.fail
+echo "$*" >> /run/mount.args
+[ -f /run/mount.fail ] && [ "$3" = "$(cat /run/mount.fail)" ] && exit 32
+exit 0
+"""
+
+FAKE_SLEEP = '#!/bin/sh\necho "sleep $*" >> /run/sleep.args\n'
 
 FAKE_SYSTEMCTL = """\
 #!/bin/sh
 # A fake systemctl for the few verbs the runner uses, in systemctl's output format.
 echo "$*" >> /run/systemctl.args
+# the loaded services: before the script, stopped before it, stopped after it started,
+# started after it, never started
+SERVICES="systemd-journald.service imgprep-prepare.service cron.service early-oneshot.service
+stopped-later.service later.service never.service"
 prop() {  # prop NAME UNIT
-    case "$1" in
-    Id) echo "$2" ;;
-    InactiveExitTimestampMonotonic) echo 2000000 ;;
-    InitRDTimestampMonotonic) echo 0 ;;
-    UserspaceTimestampMonotonic) echo 1500000 ;;
-    DefaultDependencies) if [ "$2" = cron.service ]; then echo yes; else echo no; fi ;;
+    case "$1:$2" in
+    Id:*) echo "$2" ;;
+    InactiveExitTimestampMonotonic:imgprep-prepare.service) echo 2000000 ;;
+    ExecMainStartTimestampMonotonic:imgprep-prepare.service) echo 2100000 ;;
+    InactiveExitTimestampMonotonic:systemd-journald.service) echo 900000 ;;
+    InactiveExitTimestampMonotonic:cron.service) echo 1900000 ;;
+    InactiveExitTimestampMonotonic:early-oneshot.service) echo 1000000 ;;
+    InactiveEnterTimestampMonotonic:early-oneshot.service) echo 1100000 ;;
+    InactiveExitTimestampMonotonic:stopped-later.service) echo 1000000 ;;
+    InactiveEnterTimestampMonotonic:stopped-later.service) echo 999999999999999 ;;
+    InactiveExitTimestampMonotonic:later.service) echo 999999999999999 ;;
+    ActiveEnterTimestampMonotonic:local-fs.target) echo 1800000 ;;
+    ActiveEnterTimestampMonotonic:sysinit.target) echo 999999999999999 ;;
+    UserspaceTimestampMonotonic:*) echo 1500000 ;;
+    DefaultDependencies:cron.service | DefaultDependencies:later.service) echo yes ;;
+    DefaultDependencies:never.service) echo yes ;;
+    DefaultDependencies:*) echo no ;;
+    *) echo 0 ;;
     esac
 }
 verb=$1
@@ -70,22 +118,19 @@ show)  # show [-p PROP]... [--value] [UNIT]...
         esac
     done
     [ $# -gt 0 ] || set -- manager
+    units=""
+    for unit in "$@"; do  # a pattern matches the loaded units, as systemctl's does
+        if [ "$unit" = "*.service" ]; then units="$units $SERVICES"; else units="$units $unit"; fi
+    done
     first=yes
-    for unit in "$@"; do
+    for unit in $units; do
         [ $first = yes ] || echo  # a blank line between units
         first=no
         for p in $props; do
             if [ $value = yes ]; then prop "$p" "$unit"; else echo "$p=$(prop "$p" "$unit")"; fi
         done
     done ;;
-list-units)
-    echo "systemd-journald.service loaded active running Journal Service"
-    echo "imgprep-prepare.service loaded activating start imgprep early operator script"
-    echo "cron.service loaded active running Regular background program processing daemon" ;;
-is-active)
-    for unit in "$@"; do
-        case "$unit" in multi-user.target) echo inactive ;; *) echo active ;; esac
-    done ;;
+poweroff) ;;
 esac
 exit 0
 """
@@ -123,7 +168,13 @@ class Run:
 
 
 def make_tree(
-    tmp_path: Path, script: str, *, timeout: int = 30, armed: bool = True, remove: list[str] | None = None
+    tmp_path: Path,
+    script: str,
+    *,
+    timeout: int = 30,
+    armed: bool = True,
+    remove: list[str] | None = None,
+    fast: bool = False,
 ) -> Run:
     tree = tmp_path / "tree"
     for name in MOUNTS:
@@ -145,6 +196,15 @@ def make_tree(
     fake = tree / "systemctl"
     fake.write_text(FAKE_SYSTEMCTL)
     fake.chmod(0o755)
+    if fast:
+        (tree / "proc").mkdir()
+        (tree / "proc" / "imgprep-fake").write_text("yes\n")
+        (tree / "proc" / "mounts").write_text(FAKE_MOUNTS)
+        (tree / "proc" / "sysrq-trigger").write_text("untouched\n")
+        (tree / "kmsg").write_text("")
+        for name, text in (("mount", FAKE_MOUNT), ("sleep", FAKE_SLEEP)):
+            (tree / name).write_text(text)
+            (tree / name).chmod(0o755)
     if armed:
         (prefix / "armed").write_text(
             render_armed(
@@ -152,14 +212,16 @@ def make_tree(
                 script_timeout=timeout,
                 remove=remove if remove is not None else [UNIT_PATH, wants_link("early")],
                 rmdirs=[WANTS_DIR],
+                fast_poweroff=fast,
             )
         )
     return run
 
 
 def run_runner(run: Run) -> Run:
+    fast = (run.tree / "proc").is_dir()
     proc = subprocess.run(
-        [*UNSHARE, "/bin/sh", "-c", NAMESPACE_SCRIPT, "sh", str(run.tree)],
+        [*UNSHARE, "/bin/sh", "-c", NAMESPACE_SCRIPT, "sh", str(run.tree), "fast" if fast else "unit"],
         capture_output=True,
         stdin=subprocess.DEVNULL,
         env={"PATH": "/usr/bin:/bin", "LANG": "C"},
@@ -193,6 +255,7 @@ def test_success(namespaces: None, tmp_path: Path) -> None:
             echo "cleaning up"
             echo "path=$PATH"
             echo marker > /run/script-ran
+            [ -e /run/systemctl.args ] || echo none > /run/systemctl-calls-before-script
             """,
         )
     )
@@ -202,20 +265,35 @@ def test_success(namespaces: None, tmp_path: Path) -> None:
     assert run.status.error is None
     assert run.status.log == f"cleaning up\npath={GUEST_PATH}"
     assert (run.tree / "run" / "script-ran").read_text() == "marker\n"
+    assert (run.tree / "run" / "systemctl-calls-before-script").read_text() == "none\n"
     report = run.status.report
     assert report is not None
     assert report["unit"] == UNIT_NAME
     assert report["script_exit"] == 0
     assert report["unit_start_us"] == 2000000
+    assert report["exec_start_us"] == 2100000  # systemd forked the runner
     assert report["userspace_us"] == 1500000
-    assert report["services"] == ["systemd-journald.service", "cron.service"]  # not the unit itself
-    assert report["late_services"] == ["cron.service"]
-    assert report["targets"]["multi-user.target"] == "inactive"
-    assert report["targets"]["local-fs.target"] == "active"
-    assert 0 < report["script_start_us"] <= report["script_end_us"] <= report["finish_us"]
+    # up at some time while the script ran: not the unit itself, not one stopped before
+    # the script or started after it, nor one never started
+    assert report["services"] == ["systemd-journald.service", "cron.service", "stopped-later.service"]
+    assert report["late_services"] == ["cron.service"]  # default dependencies, started before the end
+    assert report["targets"] == {
+        "local-fs.target": "active",
+        "sysinit.target": "inactive",  # reached only after the script
+        "basic.target": "inactive",
+        "network.target": "inactive",
+        "multi-user.target": "inactive",
+    }
+    assert report["poweroff"] == "unit"
+    stamps = ["script_start_us", "script_end_us", "sync_start_us", "clean_us", "finish_us"]
+    assert report[stamps[0]] > 0
+    assert [report[k] for k in stamps] == sorted(report[k] for k in stamps)
     assert_cleaned_up(run)
     calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
-    assert f"show -p InactiveExitTimestampMonotonic --value {UNIT_NAME}" in calls
+    # no systemctl call before the script: its first call reads the units afterwards
+    assert len(calls) == 2
+    assert f"{UNIT_NAME} local-fs.target" in next(c for c in calls if "InactiveExitTimestampMonotonic" in c)
+    assert not any("poweroff" in c for c in calls)
     # the script's full output stays in the guest's /run (a tmpfs, not part of the image)
     assert "cleaning up" in (run.tree / "run" / "imgprep-prepare.log").read_text()
 
@@ -354,3 +432,59 @@ def test_mdata_channel_writes_the_error_before_the_error_state(namespaces: None,
     assert dict(calls)["prepare-image:error"] == "operator script exited with status 4\nno space left"
     assert calls[-1] == ("prepare-image:state", "error")
     assert_cleaned_up(run)
+
+
+def test_output_tail_lines_are_capped(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(
+        make_tree(
+            tmp_path,
+            """\
+            #!/bin/sh
+            head -c 100000 /dev/zero | tr '\\0' x
+            echo
+            echo short
+            """,
+        )
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.status.log == "x" * 512 + "\nshort"
+    # the whole line stays in the guest's /run log
+    assert len((run.tree / "run" / "imgprep-prepare.log").read_text()) > 100000
+
+
+def test_fast_poweroff_remounts_read_only_then_cuts_power(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(make_tree(tmp_path, "#!/bin/sh\necho ok\n", fast=True))
+    assert run.returncode == 0, run.stderr
+    assert run.kinds == ["state:running", "log", "report", "state:success"]
+    assert run.status.report is not None
+    assert run.status.report["poweroff"] == "fast"
+    # every local filesystem, innermost first; not proc or tmpfs
+    remounts = (run.tree / "run" / "mount.args").read_text().splitlines()
+    assert remounts == ["-o remount,ro /srv/with space", "-o remount,ro /boot/efi", "-o remount,ro /"]
+    assert (run.tree / "proc" / "sysrq-trigger").read_text() == "o\n"
+    assert (run.tree / "kmsg").read_text() == "imgprep-prepare: reported, powering off\n"
+    assert (run.tree / "run" / "sleep.args").read_text() == "sleep 30\n"  # waits for the kernel
+    # it ran from a copy in /run: the deleted original must not be held open at the remount
+    copy = run.tree / "run" / "imgprep-prepare.runner"
+    assert copy.read_bytes() == artifact("units/imgprep-prepare-runner").read_bytes()
+    assert_cleaned_up(run)
+    calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
+    assert not any("poweroff" in c for c in calls)  # sysrq worked: no fallback
+
+
+def test_fast_poweroff_on_failure_too(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(make_tree(tmp_path, "#!/bin/sh\necho failing\nexit 5\n", fast=True))
+    assert run.returncode == 1
+    assert run.kinds == ["state:running", "log", "error", "report", "state:error"]
+    assert (run.tree / "proc" / "sysrq-trigger").read_text() == "o\n"
+
+
+def test_fast_poweroff_falls_back_to_the_unit_when_a_remount_fails(namespaces: None, tmp_path: Path) -> None:
+    run = make_tree(tmp_path, "#!/bin/sh\necho ok\n", fast=True)
+    (run.tree / "run" / "mount.fail").write_text("/boot/efi")
+    run = run_runner(run)
+    assert run.returncode == 0, run.stderr
+    assert run.status.report is not None
+    assert run.status.report["poweroff"] == "unit: cannot remount /boot/efi read-only"
+    assert (run.tree / "proc" / "sysrq-trigger").read_text() == "untouched\n"  # control: not cut
+    assert not (run.tree / "run" / "sleep.args").exists()

@@ -15,8 +15,10 @@ from imgprep.artifacts import (
     PREFIX,
     UNIT_NAME,
     UNIT_PATH,
+    Mode,
     _substitute,
     artifact,
+    linux_injection,
     render_armed,
     render_unit,
     wants_link,
@@ -246,3 +248,25 @@ def test_render_armed_plain_values(tmp_path: Path) -> None:
         f"{UNIT_PATH} {wants_link('early')}",
         "",
     ]
+
+
+@pytest.mark.allow_subprocess("sh")
+@pytest.mark.parametrize(
+    ("mode", "channel", "expected"),
+    [("early", "/dev/ttyS1", "fast"), ("legacy", "/dev/ttyS1", "unit"), ("early", "mdata:/usr/sbin/mdata-put", "unit")],
+)
+def test_fast_poweroff_only_for_the_early_unit_on_a_serial_channel(
+    tmp_path: Path, mode: Mode, channel: str, expected: str
+) -> None:
+    files = linux_injection(mode=mode, script=b"#!/bin/sh\n", script_timeout=60, channel=channel, wants_dir_exists=True)
+    armed = next(f for f in files if f.path.endswith("/armed"))
+    path = tmp_path / "armed"
+    path.write_bytes(armed.data)
+    proc = subprocess.run(
+        ["/bin/sh", "-c", '. "$1" && printf %s "$IMGPREP_POWEROFF"', "sh", str(path)],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+        check=True,
+    )
+    assert proc.stdout.decode() == expected

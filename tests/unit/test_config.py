@@ -18,6 +18,7 @@ output_dir: /srv/images
 script: /srv/scripts/prepare
 compression: xz
 force_stop: true
+strict: true
 libguestfs_tcg: true
 retry_attempts: 7
 retry_max_seconds: 12.5
@@ -60,6 +61,7 @@ def test_every_key_is_parsed(tmp_path: Path) -> None:
     assert config.script == Path("/srv/scripts/prepare")
     assert config.compression == "xz"
     assert config.force_stop is True
+    assert config.strict is True
     assert config.libguestfs_tcg is True
     assert config.retry_attempts == 7
     assert config.retry_max_seconds == 12.5
@@ -91,6 +93,7 @@ def test_defaults() -> None:
     assert config.compression is None  # the backend decides: libvirt zstd, smartos gzip
     assert config.timeouts == Timeouts(300.0, 300.0, 300.0, 300.0)
     assert config.force_stop is False
+    assert config.strict is False
     assert config.script is None
     assert config.retry_attempts == 5
     assert dict(config.hosts) == {}
