@@ -22,6 +22,7 @@ from imgprep.config import COMPRESSIONS, Config, load_config
 from imgprep.errors import Cancelled, ImgprepError, InvalidInput, RestoreFailed
 from imgprep.jobs import Job, build_request, job_is_running, job_needs_recovery, recover
 from imgprep.jobstore import JobStore, Record
+from imgprep.sanitize import clean
 from imgprep.workflow import CancelToken, cancel_on_signals
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNRESTORED, EXIT_CANCELED = 0, 1, 2, 3, 130
@@ -135,7 +136,7 @@ class HumanEvents:
             prefix = "rollback: " if event.get("chain") == "onerror_results" else ""
             line = f"{stamp} {prefix}{event['step']}: {status}{extra}"
             if status == "failed":
-                line += f": {event['error']['message']}"
+                line += f": {clean(event['error']['message'])}"
             self._line(line)
         elif kind == "guest":
             self._line(f"{stamp} guest: {event['state']}")
@@ -185,9 +186,9 @@ def format_boot_report(report: dict[str, Any] | None) -> str:
         f"  operator-script unit start  {sec('unit_start')}",
         f"  script start -> end         {sec('script_start')} -> {sec('script_end')}",
         f"  cleanup done, powering off  {sec('finish')}",
-        f"  services up when it ran     {' '.join(report.get('services', [])) or '-'}",
-        f"  of those, regular services  {' '.join(report.get('late_services', [])) or 'none'}",
-        f"  targets                     {' '.join(f'{k}={v}' for k, v in targets.items())}",
+        f"  services up when it ran     {clean(' '.join(report.get('services', []))) or '-'}",
+        f"  of those, regular services  {clean(' '.join(report.get('late_services', []))) or 'none'}",
+        f"  targets                     {clean(' '.join(f'{k}={v}' for k, v in targets.items()))}",
     ]
     return "\n".join(lines)
 
@@ -233,17 +234,17 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         try:
             job.run()
         except RestoreFailed as exc:
-            err.write(f"imgprep: error: {exc.message}\n")
+            err.write(f"imgprep: error: {clean(exc.message)}\n")
             code = EXIT_UNRESTORED
         except Cancelled as exc:
-            err.write(f"imgprep: {exc.message}; the VM was restored\n")
+            err.write(f"imgprep: {clean(exc.message)}; the VM was restored\n")
             code = EXIT_CANCELED
         except InvalidInput:
             if job.record.get("vm_touched"):
                 raise ImgprepError(job.record["error"]["message"]) from None
             raise
         except ImgprepError as exc:
-            err.write(f"imgprep: error: {exc.code}: {exc.message} (the VM was restored)\n")
+            err.write(f"imgprep: error: {clean(exc.code)}: {clean(exc.message)} (the VM was restored)\n")
             code = EXIT_FAILED
     summary = _summary(job.record)
     if args.json:
@@ -325,15 +326,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
     except InvalidInput as exc:
-        err.write(f"imgprep: error: {exc.message}\n")
+        err.write(f"imgprep: error: {clean(exc.message)}\n")
         return EXIT_INVALID
     except RestoreFailed as exc:
-        err.write(f"imgprep: error: {exc.message}\n")
+        err.write(f"imgprep: error: {clean(exc.message)}\n")
         return EXIT_UNRESTORED
     except ImgprepError as exc:
         if debug:
             log.exception("failed")
-        err.write(f"imgprep: error: {exc.code}: {exc.message}\n")
+        err.write(f"imgprep: error: {clean(exc.code)}: {clean(exc.message)}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         err.write("imgprep: interrupted\n")

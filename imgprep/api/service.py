@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,10 @@ from imgprep.config import Config
 from imgprep.errors import InvalidInput
 from imgprep.jobs import Job, build_request, job_is_running
 from imgprep.jobstore import JobStore, Record
+from imgprep.uuids import CANONICAL_RE
 
 log = logging.getLogger(__name__)
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+UUID_RE = CANONICAL_RE  # lowercase only: one spelling per image and job
 IMAGE_STATES = ("active", "creating", "failed", "disabled", "unactivated", "all")
 EXECUTIONS = ("queued", "running", "succeeded", "failed", "canceled")
 TASKS = ("create-from-vm", "import-remote-image")

@@ -23,6 +23,7 @@ from imgprep.config import Config
 from imgprep.errors import ImgprepError, PrepareFailed
 from imgprep.export import ExportResult
 from imgprep.manifest import build_manifest, default_version, rfc3339
+from imgprep.sanitize import clean
 from imgprep.workflow import Engine, Step
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ class Backend(abc.ABC):
             lambda s, _off: s.state in ("success", "error"),
         )
         if self.status.state == "error":
-            detail = (self.status.error or "no detail").strip()
+            detail = clean((self.status.error or "no detail").strip())  # guest text: escaped once, here
             raise PrepareFailed(f"prepare script failed in the guest: {detail}", code="PrepareImageError")
 
     def wait_shutoff(self) -> None:

@@ -55,11 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgprep import artifacts
+from imgprep import artifacts, safejson
 from imgprep.backends.base import Backend, CreateRequest, StopTimeout, VmFacts
-from imgprep.channel import STATES, GuestStatus, parse_report
+from imgprep.channel import STATES, GuestStatus, cap_field, parse_report
 from imgprep.errors import CommandError, ImgprepError, InvalidInput, TransientError, VmBusy
 from imgprep.export import STREAM_COMPRESSIONS, CompressingWriter, ExportResult
+from imgprep.sanitize import clean
 from imgprep.ssh import SshClient, SshTarget
 
 log = logging.getLogger(__name__)
@@ -187,14 +188,15 @@ def parse_guest_error(raw: str | None) -> tuple[str | None, str | None]:
     """
     if raw is None:
         return None, None
+    raw = cap_field(str(raw))
     try:
-        data = json.loads(raw)
-    except ValueError:
+        data = safejson.loads(raw)
+    except ValueError:  # not JSON, too deep, too large: read as text
         data = None
     if isinstance(data, dict):
-        message = str(data.get("message") or "no message")
+        message = cap_field(str(data.get("message") or "no message"))
         tail = data.get("output_tail")
-        tail_text = str(tail) if tail else None
+        tail_text = cap_field(str(tail)) if tail else None
     else:
         first, _, rest = raw.strip().partition("\n")
         message, tail_text = first.strip(), rest.strip() or None
@@ -242,7 +244,7 @@ class SmartosBackend(Backend):
     def _json(self, argv: Sequence[str]) -> Any:
         out = self._run(argv).stdout
         try:
-            return json.loads(out)
+            return safejson.loads(out, max_bytes=64 * 1024 * 1024, max_depth=64)
         except ValueError:
             raise ImgprepError(f"{' '.join(argv)}: the node answered non-JSON output", code="BadNodeOutput") from None
 
@@ -359,7 +361,7 @@ class SmartosBackend(Backend):
             for snap, job in snaps.items():
                 if snap.startswith(CHECKPOINT_PREFIX) or (job not in ("-", "") and job != self.record["uuid"]):
                     raise VmBusy(
-                        f"VM {name} still has snapshot {ds}@{snap} from imgprep job {job}; "
+                        f"VM {name} still has snapshot {ds}@{clean(snap)} from imgprep job {clean(job)}; "
                         "run `imgprep jobs list` and `imgprep jobs recover JOB_UUID`"
                     )
             if ds == dataset and FINAL_SNAPNAME in snaps and snaps[FINAL_SNAPNAME] != self.record["uuid"]:
@@ -528,7 +530,7 @@ class SmartosBackend(Backend):
         metadata = vm.get("customer_metadata") or {}
         state = metadata.get(STATE_KEY)
         if state is not None and state not in STATES:
-            log.warning("ignoring unknown %s value %r", STATE_KEY, state)
+            log.warning("ignoring unknown %s value %s", STATE_KEY, clean(state, limit=100))
             state = None
         seen = list(self.status.seen_states)
         if state is not None and (not seen or seen[-1] != state):
@@ -538,8 +540,8 @@ class SmartosBackend(Backend):
         status = GuestStatus(
             state=state,
             error=error,
-            log=metadata.get(LOG_KEY) or tail,
-            report=parse_report(raw_report) if isinstance(raw_report, str) else None,
+            log=cap_field(str(metadata.get(LOG_KEY) or tail)) if (metadata.get(LOG_KEY) or tail) else None,
+            report=parse_report(cap_field(raw_report)) if isinstance(raw_report, str) else None,
             seen_states=seen,
         )
         return status, vm.get("state") == "stopped"
