@@ -15,6 +15,7 @@ from imgprep.errors import ImgprepError, InvalidInput, VmBusy
 from imgprep.jobstore import JobStore, Record
 from imgprep.lock import VmLock, is_locked, lock_key
 from imgprep.manifest import validate_user_manifest
+from imgprep.outputfiles import output_dir_problem
 from imgprep.uuids import is_canonical
 from imgprep.workflow import (
     CancelToken,
@@ -80,6 +81,8 @@ def build_request(
         problems.append(f"output directory {out} does not exist")
     elif not os.access(out, os.W_OK | os.X_OK):
         problems.append(f"output directory {out} is not writable")
+    elif (unsafe := output_dir_problem(out)) is not None:
+        problems.append(unsafe)
     script_path = script or config.script
     script_bytes = b""
     script_name = ""

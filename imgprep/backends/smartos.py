@@ -60,6 +60,7 @@ from imgprep.backends.base import Backend, CreateRequest, StopTimeout, VmFacts
 from imgprep.channel import STATES, GuestStatus, cap_field, parse_report
 from imgprep.errors import CommandError, ImgprepError, InvalidInput, TransientError, VmBusy
 from imgprep.export import STREAM_COMPRESSIONS, CompressingWriter, ExportResult
+from imgprep.outputfiles import create_private, publish, workdir
 from imgprep.sanitize import clean
 from imgprep.ssh import SshClient, SshTarget
 
@@ -570,12 +571,21 @@ class SmartosBackend(Backend):
         compression = self.params["compression"]
         out_dir = Path(self.params["output_dir"])
         dest = out_dir / f"{self.params['image_uuid']}{FILE_SUFFIX[compression]}"
-        partial = out_dir / f".{dest.name}.partial"
+        t0 = time.monotonic()
+        with workdir(out_dir, self.params["image_uuid"]) as tmp:
+            partial = tmp / dest.name
+            size, sha1, sha256, received = self._receive(snap, partial, compression, estimate)
+            publish(partial, dest)
+        self.emit({"event": "progress", "step": "export", "percent": 100.0})
+        self.state["export_seconds"] = round(time.monotonic() - t0, 3)
+        self.state["stream_bytes"] = received
+        return ExportResult(dest, size, sha1, sha256, compression, "zfs")
+
+    def _receive(self, snap: str, partial: Path, compression: str, estimate: int) -> tuple[int, str, str, int]:
+        """``zfs send`` of ``snap`` into ``partial`` (a new 0600 file), compressed and hashed."""
         received = 0
         last = -1
-
-        t0 = time.monotonic()
-        with partial.open("wb") as f:
+        with os.fdopen(create_private(partial), "wb") as f:
             writer = CompressingWriter(f, compression)
 
             def sink(data: bytes) -> None:
@@ -592,11 +602,7 @@ class SmartosBackend(Backend):
             size, sha1, sha256 = writer.finish()
             f.flush()
             os.fsync(f.fileno())
-        partial.rename(dest)
-        self.emit({"event": "progress", "step": "export", "percent": 100.0})
-        self.state["export_seconds"] = round(time.monotonic() - t0, 3)
-        self.state["stream_bytes"] = received
-        return ExportResult(dest, size, sha1, sha256, compression, "zfs")
+        return size, sha1, sha256, received
 
     def _send_size(self, snap: str) -> int:
         """``zfs send -nP``'s estimate of the stream size (for the progress bar only)."""

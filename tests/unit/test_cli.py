@@ -235,6 +235,13 @@ def test_output_dir_not_writable(cli: Path, tmp_path: Path, monkeypatch: pytest.
     )
 
 
+def test_output_dir_others_can_write_is_refused(cli: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(0o1777)  # like /tmp: anyone could plant names in it
+    assert_invalid(["create", "--vm", VM, "--output-dir", str(out)], "writable by its group or others", state=cli)
+
+
 def test_every_input_problem_in_one_line(cli: Path, tmp_path: Path) -> None:
     err = assert_invalid(
         [
