@@ -23,6 +23,7 @@ from imgprep.errors import Cancelled, ImgprepError, InvalidInput, RestoreFailed
 from imgprep.jobs import Job, build_request, job_is_running, job_needs_recovery, recover
 from imgprep.jobstore import JobStore, Record
 from imgprep.sanitize import clean
+from imgprep.statedir import UMASK
 from imgprep.workflow import CancelToken, cancel_on_signals
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNRESTORED, EXIT_CANCELED = 0, 1, 2, 3, 130
@@ -309,6 +310,14 @@ def cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    umask = os.umask(UMASK)  # job records, sockets, temporary files: private unless said otherwise
+    try:
+        return _main(argv, out, err)
+    finally:
+        os.umask(umask)
+
+
+def _main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     debug = False
     try:
         args = build_parser().parse_args(argv)

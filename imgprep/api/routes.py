@@ -212,7 +212,12 @@ async def list_image_jobs(request: Request) -> Response:
 
 
 async def get_job(request: Request) -> Response:
-    return JSONResponse(await _call(_service(request).get_job, request.path_params["uuid"]))
+    # open without the token (IMGAPI's client polls the workflow-api URL without
+    # credentials): then only the public view
+    account = _uuid_param(request.query_params, "account")
+    full = bool(request.scope.get("state", {}).get("authenticated"))
+    service = _service(request)
+    return JSONResponse(await _call(lambda: service.get_job(request.path_params["uuid"], account, full=full)))
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
 from imgprep.export import ExportResult, export_disk
 from imgprep.guestchannel import SocketChannel, prepare_socket_dir, socket_path
+from imgprep.leftovers import check_clean
 from imgprep.libguestfs import open_guest
 from imgprep.run import run
 from imgprep.workflow import Engine
@@ -389,7 +390,14 @@ class LibvirtBackend(Backend):
         return self._parser.status, powered_off
 
     def export(self) -> ExportResult:
-        boot = self._disks(self._persistent_xml())[0]
+        disks = self._disks(self._persistent_xml())
+        # the guest's "success" is its own claim: look for imgprep's files before publishing
+        check_clean(
+            [(Path(d["path"]), d["format"]) for d in disks],
+            self.state.get("injected") or [],
+            force_tcg=self.config.libguestfs_tcg,
+        )
+        boot = disks[0]
         last = [-1]
 
         def progress(pct: float) -> None:

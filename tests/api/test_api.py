@@ -262,6 +262,8 @@ def raw_get(server: Server, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         conn.putrequest("GET", path, skip_accept_encoding=True)
+        if server.token:
+            conn.putheader("Authorization", f"Bearer {server.token}")
         conn.endheaders()
         response = conn.getresponse()
         return response.status, response.read()
