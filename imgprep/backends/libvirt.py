@@ -381,6 +381,7 @@ class LibvirtBackend(Backend):
     def poll_guest(self) -> tuple[GuestStatus, bool]:
         channel = self._guest_channel()
         channel.poll()
+        self.state["channel_bytes"] = channel.bytes_read  # what the guest wrote to us (saved with the step)
         dom = self._domain()
         powered_off = not self._call("query state", dom.isActive)
         if powered_off:  # what QEMU sent before it exited is still in the socket: take it, then let go
