@@ -290,7 +290,9 @@ def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out.write(f"{'JOB':36}  {'VM':36}  {'EXECUTION':10}  {'CREATED':24}  NOTE\n")
             for row in rows:
                 note = "NEEDS RECOVERY: imgprep jobs recover " + row["uuid"] if row["needs_recovery"] else ""
-                out.write(f"{row['uuid']:36}  {row['vm']:36}  {row['execution']:10}  {row['created_at']:24}  {note}\n")
+                out.write(
+                    f"{row['uuid']:36}  {clean(row['vm']):36}  {row['execution']:10}  {row['created_at']:24}  {note}\n"
+                )
         return EXIT_OK
     record = recover(config, args.job_uuid)
     last = record.get("recovery", [{}])[-1].get("result")

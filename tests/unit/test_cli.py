@@ -15,7 +15,7 @@ import pytest
 
 import imgprep.cli
 import imgprep.jobs
-from imgprep.cli import EXIT_INVALID, EXIT_OK, main
+from imgprep.cli import EXIT_INVALID, EXIT_OK, HumanEvents, format_boot_report, main
 from imgprep.jobstore import JobStore, Record
 from imgprep.lock import VmLock, lock_key
 from imgprep.workflow import new_record
@@ -395,3 +395,26 @@ def test_jobs_recover_an_untouched_interrupted_job(jobs: dict[str, Record]) -> N
     }
     record = JobStore(Path(os.environ["IMGPREP_STATE_DIR"])).get(jobs["queued"]["uuid"])
     assert record["error"]["code"] == "Interrupted"
+
+
+HOSTILE = "\x1b[2K\rimgprep: job succeeded\nimgprep: forged line"
+
+
+def test_guest_text_in_a_failed_step_cannot_rewrite_the_terminal() -> None:
+    err = io.StringIO()
+    HumanEvents(err).emit(
+        {"event": "step", "step": "wait_result", "status": "failed", "error": {"message": HOSTILE}, "elapsed": 1.0}
+    )
+    text = err.getvalue()
+    assert "\x1b" not in text
+    assert "\r" not in text
+    assert text.count("\n") == 1  # one line, however many the guest sent
+    assert "\\x1b[2K\\rimgprep: job succeeded\\nimgprep: forged line" in text
+
+
+def test_guest_text_in_the_boot_report_is_escaped() -> None:
+    report = {"services": [HOSTILE], "late_services": [], "targets": {"a": HOSTILE}, "timeline_ms": {}}
+    text = format_boot_report(report)
+    assert "\x1b" not in text
+    assert "\r" not in text
+    assert len(text.splitlines()) == 8  # the report's own lines only
