@@ -49,3 +49,15 @@ def test_documents_within_the_bounds_parse() -> None:
     }
     with pytest.raises(BadJSON, match="deeper"):
         loads("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1))
+
+
+def test_a_guest_error_nested_without_end_is_text_not_a_crash() -> None:
+    from imgprep.backends.smartos import parse_guest_error
+
+    message, tail = parse_guest_error("[" * 100_000)
+    assert message is not None
+    assert message.startswith("[[[")
+    assert len(message) < 20_000  # capped
+    assert tail is None
+    # control: imgprep's own JSON error is still read as JSON
+    assert parse_guest_error('{"message": "boom", "output_tail": "a\\nb"}') == ("boom; last output: a | b", "a\nb")
