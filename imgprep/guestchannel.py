@@ -5,8 +5,9 @@ A file-backed serial port goes through virtlogd (libvirt's default
 offset then never sees the guest's last messages, and the file costs host disk in
 proportion to what the guest writes. A ``<serial type='unix'>`` with
 ``<source mode='bind'/>`` costs no disk and is never rotated; imgprep connects
-right after the domain starts and reads with bounded non-blocking reads, so the
-guest gets back-pressure (its writes block) instead of the host growing a buffer.
+right after the domain starts and a reader thread drains it in bounded reads into
+the bounded parser (channel.py), so memory does not grow with what the guest
+writes, and the guest gets back-pressure (its writes wait) if imgprep falls behind.
 
 QEMU drops what the guest writes while no client is connected; the runner's first
 message comes tens of seconds after boot, long after imgprep connects. After a
@@ -17,20 +18,23 @@ job then times out and is restored, it never succeeds by mistake).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
-from imgprep.channel import ChannelParser
+from imgprep.channel import ChannelParser, GuestStatus
 
 log = logging.getLogger(__name__)
 
 SOCKET_DIR = Path("/run/imgprep/channels")  # short: a UNIX socket path has at most 107 bytes
-READ_CHUNK = 64 * 1024
-MAX_READ_PER_POLL = 4 * 1024 * 1024  # bytes taken from the guest per poll; the rest waits in the guest
+READ_CHUNK = 64 * 1024  # bytes taken from the socket per read
+STOP_CHECK = 0.5  # seconds a blocked read waits before looking at the stop flag
+DRAIN_TIMEOUT = 5.0  # seconds to wait for the last bytes once the domain is off
 
 
 def socket_path(job_uuid: str) -> Path:
@@ -49,26 +53,32 @@ def prepare_socket_dir() -> None:
 
 
 class SocketChannel:
-    """Bounded, non-blocking reads from the guest's channel socket into a parser."""
+    """The guest's channel socket, drained by a reader thread into a bounded parser.
 
-    def __init__(self, path: Path, parser: ChannelParser, *, max_per_poll: int = MAX_READ_PER_POLL) -> None:
+    QEMU writes the emulated UART's bytes to the socket one at a time, and a UNIX
+    socket holds only a few hundred such writes in flight: a reader that polled once
+    a second would cap the guest at a few hundred bytes per second. The thread reads
+    continuously (blocking reads of at most ``READ_CHUNK``) and feeds the parser
+    under a lock; memory stays that of one read plus the parser's bounds.
+    """
+
+    def __init__(self, path: Path, parser: ChannelParser) -> None:
         self.path = path
         self.parser = parser
-        self.max_per_poll = max_per_poll
         self.bytes_read = 0
         self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def connect(self) -> bool:
-        """Connect if not connected; False while QEMU is not (yet, or any more) listening."""
-        return self._connected() is not None
-
-    def _connected(self) -> socket.socket | None:
+        """Connect (and start reading) if not yet; False while QEMU is not (yet, or any more) listening."""
         if self._sock is not None:
-            return self._sock
+            return True
         try:
             st = self.path.lstat()
         except FileNotFoundError:
-            return None
+            return False
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(errno.EINVAL, f"{self.path} is not a socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -77,35 +87,56 @@ class SocketChannel:
         except OSError as exc:
             sock.close()
             log.debug("guest channel %s: %s", self.path, exc)
-            return None
-        sock.setblocking(False)
+            return False
+        sock.settimeout(STOP_CHECK)
         self._sock = sock
-        return sock
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._read, args=(sock,), name="guest-channel", daemon=True)
+        self._thread.start()
+        return True
 
-    def poll(self) -> int:
-        """Read what is waiting (at most ``max_per_poll`` bytes) into the parser; bytes read."""
-        sock = self._connected()
-        if sock is None:
-            return 0
-        total = 0
-        while total < self.max_per_poll:
+    @property
+    def reading(self) -> bool:
+        """Is the reader thread still receiving (the connection not closed by QEMU)?"""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _read(self, sock: socket.socket) -> None:
+        while not self._stop.is_set():
             try:
-                data = sock.recv(min(READ_CHUNK, self.max_per_poll - total))
-            except (BlockingIOError, InterruptedError):
-                break
+                data = sock.recv(READ_CHUNK)
+            except TimeoutError:
+                continue
             except OSError as exc:
                 log.debug("guest channel %s: %s", self.path, exc)
-                self.close()
-                break
+                return
             if not data:  # QEMU closed the connection (the domain stopped)
-                self.close()
-                break
-            total += len(data)
-            self.parser.feed(data)
-        self.bytes_read += total
-        return total
+                return
+            with self._lock:
+                self.parser.feed(data)
+                self.bytes_read += len(data)
+
+    def poll(self) -> GuestStatus:
+        """Connect if needed (after a restart of imgprep); a snapshot of what the guest reported."""
+        if self._sock is not None and not self.reading:
+            self._close_socket()  # QEMU went away: reconnect if it listens again
+        self.connect()
+        with self._lock:
+            status = self.parser.status
+            return dataclasses.replace(status, seen_states=list(status.seen_states))
+
+    def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Wait (bounded) for the reader to take what QEMU sent before it closed the socket."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(STOP_CHECK * 4)
+            self._thread = None
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()

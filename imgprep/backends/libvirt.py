@@ -366,6 +366,8 @@ class LibvirtBackend(Backend):
         conn = self._connect()
         self._call("start the prepare boot", lambda: conn.createXML(xml, 0))
         self._parser = ChannelParser()
+        if self._channel is not None:
+            self._channel.close()
         self._channel = None
         self._guest_channel().connect()  # at once: QEMU drops what is written before we connect
 
@@ -380,15 +382,16 @@ class LibvirtBackend(Backend):
 
     def poll_guest(self) -> tuple[GuestStatus, bool]:
         channel = self._guest_channel()
-        channel.poll()
-        self.state["channel_bytes"] = channel.bytes_read  # what the guest wrote to us (saved with the step)
+        status = channel.poll()
         dom = self._domain()
         powered_off = not self._call("query state", dom.isActive)
-        if powered_off:  # what QEMU sent before it exited is still in the socket: take it, then let go
-            channel.poll()
+        if powered_off:  # what QEMU sent before it exited may still be in the socket: take it, then let go
+            channel.drain()
+            status = channel.poll()
             channel.close()
             self._channel_path().unlink(missing_ok=True)
-        return self._parser.status, powered_off
+        self.state["channel_bytes"] = channel.bytes_read  # what the guest wrote to us (saved with the step)
+        return status, powered_off
 
     def export(self) -> ExportResult:
         disks = self._disks(self._persistent_xml())

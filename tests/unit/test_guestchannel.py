@@ -11,7 +11,7 @@ import pytest
 
 from imgprep.backends.libvirt import prepare_xml
 from imgprep.channel import MAX_LINE, ChannelParser
-from imgprep.guestchannel import READ_CHUNK, SocketChannel
+from imgprep.guestchannel import SocketChannel
 
 
 def line(kind: str, text: str) -> bytes:
@@ -31,7 +31,8 @@ def listener(tmp_path: Path) -> Iterator[tuple[Path, socket.socket]]:
 def test_no_socket_yet_is_no_error(tmp_path: Path) -> None:
     channel = SocketChannel(tmp_path / "absent.sock", ChannelParser())
     assert channel.connect() is False
-    assert channel.poll() == 0
+    assert channel.poll().state is None
+    assert channel.bytes_read == 0
 
 
 def test_a_plain_file_in_place_of_the_socket_is_refused(tmp_path: Path) -> None:
@@ -41,29 +42,44 @@ def test_a_plain_file_in_place_of_the_socket_is_refused(tmp_path: Path) -> None:
         SocketChannel(path, ChannelParser()).poll()
 
 
-def test_reads_messages_and_is_bounded_per_poll(listener: tuple[Path, socket.socket]) -> None:
+def test_a_flood_is_drained_with_bounded_memory(listener: tuple[Path, socket.socket]) -> None:
     path, server = listener
     parser = ChannelParser()
-    channel = SocketChannel(path, parser, max_per_poll=4 * READ_CHUNK)
+    channel = SocketChannel(path, parser)
     assert channel.connect()
     guest, _ = server.accept()
-    guest.setblocking(False)
-    flood = b"A" * (16 * READ_CHUNK)  # more than one poll takes
-    sent = 0
-    while sent < len(flood):
-        try:
-            sent += guest.send(flood[sent:])
-        except BlockingIOError:
-            assert channel.poll() <= 4 * READ_CHUNK
-            assert parser.buffered <= MAX_LINE
-    guest.setblocking(True)
-    guest.sendall(b"\n" + line("state", "running") + line("state", "success"))
+    peak = 0
+    flood = b"A" * (1024 * 1024)
+    for _ in range(100):  # 100 MiB without a newline, as fast as the socket takes it
+        guest.sendall(flood)
+        peak = max(peak, parser.buffered)
+    guest.sendall(b"\n" * 1_000_000 + line("state", "running") + line("state", "success"))
     guest.close()
-    while channel.poll():
-        assert parser.buffered <= MAX_LINE
-    assert parser.status.seen_states == ["running", "success"]
-    assert channel.bytes_read == len(flood) + 1 + len(line("state", "running")) + len(line("state", "success"))
+    channel.drain(60)
+    assert not channel.reading  # it saw the end of the stream
+    status = channel.poll()
+    assert status.seen_states == ["running", "success"]
+    assert peak <= MAX_LINE
+    assert parser.buffered == 0
+    assert channel.bytes_read == 100 * len(flood) + 1_000_000 + len(line("state", "running") + line("state", "success"))
     assert parser.dropped_lines == 1
+    channel.close()
+
+
+def test_single_byte_writes_are_all_read(listener: tuple[Path, socket.socket]) -> None:
+    """QEMU writes the UART's bytes one by one: far more than a socket holds in flight."""
+    path, server = listener
+    channel = SocketChannel(path, ChannelParser())
+    assert channel.connect()
+    guest, _ = server.accept()
+    message = line("log", "x" * 20_000) + line("state", "success")
+    for byte in message:
+        guest.send(bytes([byte]))
+    guest.close()
+    channel.drain(60)
+    assert channel.poll().state == "success"
+    assert channel.bytes_read == len(message)
+    channel.close()
 
 
 def test_the_prepare_boot_serial_port_is_a_unix_socket_not_a_file(tmp_path: Path) -> None:
