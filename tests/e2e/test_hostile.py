@@ -29,12 +29,13 @@ from tests.e2e.test_faults import assert_restored_exactly, job_record, reference
 pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
-# The channel is an emulated 16550 UART: QEMU paces it at the line speed, so a guest
-# writes it at most ~11 KiB/s (115200 baud; ~0.5 KiB/s at the default 9600 under
-# TCG) -- a bound of its own. The flood here is what that carries in minutes; the
-# 100 MiB and 1 000 000-newline floods of the parser and the socket reader are in
-# tests/unit/test_channel.py and tests/unit/test_guestchannel.py.
-FLOOD_BYTES = 3 * MiB  # without a newline: more than virtlogd's 2 MiB rotation, far more than a line
+# The channel is an emulated 16550 UART at 115200 baud: a guest gets ~10 KiB/s
+# through it under TCG (measured: 2.5 MB in about 4 minutes) -- a bound of its own.
+# The flood here is what that carries in minutes, more than virtlogd's 2 MiB rotation
+# and far more than a line (MAX_LINE, 64 KiB); the 100 MiB and 1 000 000-newline
+# floods of the parser and the socket reader are in tests/unit/test_channel.py and
+# tests/unit/test_guestchannel.py.
+FLOOD_BYTES = 3 * MiB  # without a newline
 FLOOD_NEWLINES = 200_000
 STATE_FLOOD = 2_000  # "state running" lines
 RSS_BOUND = 96 * MiB  # a constant: imgprep holds at most a line and a 64 KiB read of the flood
