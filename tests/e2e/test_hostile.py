@@ -29,8 +29,8 @@ from tests.e2e.test_faults import assert_restored_exactly, job_record, reference
 pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
-# The channel is an emulated 16550 UART at 115200 baud: a guest gets ~10 KiB/s
-# through it under TCG (measured: 2.5 MB in about 4 minutes) -- a bound of its own.
+# The channel is an emulated 16550 UART at 115200 baud: a guest gets tens of KB/s
+# through it under TCG (measured: 3.4 MB in a 199 s job) -- a bound of its own.
 # The flood here is what that carries in minutes, more than virtlogd's 2 MiB rotation
 # and far more than a line (MAX_LINE, 64 KiB); the 100 MiB and 1 000 000-newline
 # floods of the parser and the socket reader are in tests/unit/test_channel.py and
