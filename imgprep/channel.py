@@ -56,8 +56,9 @@ def parse_report(text: str) -> dict[str, Any]:
             report[key] = value.split()
         elif key == "targets":
             report[key] = dict(item.partition("=")[::2] for item in value.split())
-        else:
+        elif key == "unit":
             report[key] = value
+        # any other key is the guest's invention: not stored
 
     def ms(key: str) -> float | None:
         value = report.get(key)
@@ -73,37 +74,94 @@ def parse_report(text: str) -> dict[str, Any]:
     return report
 
 
+# Bounds on what a guest can make the host hold. The runner sends at most
+# TAIL_LINES lines of TAIL_LINE_CHARS characters (a few KiB of base64); the caps
+# leave ample room for that and none for a flood.
+MAX_LINE = 64 * 1024  # bytes of one IMGPREP1 line; longer lines are dropped whole
+MAX_FIELD = 16 * 1024  # characters kept of error, log and the report text
+MAX_MESSAGES_PER_FEED = 64  # messages returned by one feed() (the status holds the rest)
+TERMINAL = ("success", "error")
+
+
+def cap_field(text: str) -> str:
+    """``text`` cut to ``MAX_FIELD`` characters, saying how much was cut."""
+    if len(text) <= MAX_FIELD:
+        return text
+    return text[:MAX_FIELD] + f"... [{len(text) - MAX_FIELD} characters cut]"
+
+
 class ChannelParser:
-    """Feed raw bytes as they arrive; read the accumulated ``status``."""
+    """Feed raw bytes as they arrive; read the accumulated ``status``.
+
+    Linear in the bytes fed, and bounded whatever the guest writes: the partial
+    line held between feeds never exceeds ``MAX_LINE`` (a longer line is skipped
+    up to its newline), every stored field is capped at ``MAX_FIELD``, a state
+    equal to the current one is ignored and the first terminal state is final,
+    so ``seen_states`` holds at most two entries.
+    """
 
     def __init__(self) -> None:
         self.status = GuestStatus()
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._skipping = False  # inside a line already longer than MAX_LINE
+        self.dropped_lines = 0  # over-long lines skipped (for diagnostics)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the incomplete line held (at most ``MAX_LINE``)."""
+        return len(self._buffer)
 
     def feed(self, data: bytes) -> list[tuple[str, str]]:
         """Consume bytes; return the complete messages decoded from them."""
-        self._buffer += data
         messages: list[tuple[str, str]] = []
-        while b"\n" in self._buffer:
-            raw, self._buffer = self._buffer.split(b"\n", 1)
-            line = raw.decode("ascii", errors="replace").strip("\r\x00 ")
-            start = line.find(MAGIC + " ")
-            if start < 0:
-                continue
-            parts = line[start:].split(" ")
-            if len(parts) != 3:
-                continue
-            _, kind, payload = parts
-            try:
-                text = base64.b64decode(payload, validate=True).decode(errors="replace")
-            except (binascii.Error, ValueError):
-                continue
-            self._apply(kind, text)
-            messages.append((kind, text))
+        view = memoryview(data)
+        pos = 0
+        while True:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break
+            if self._skipping:
+                self._skipping = False
+            elif len(self._buffer) + (nl - pos) > MAX_LINE:
+                self.dropped_lines += 1
+            elif nl > pos or self._buffer:
+                self._buffer += view[pos:nl]
+                message = self._line(bytes(self._buffer))
+                if message is not None and len(messages) < MAX_MESSAGES_PER_FEED:
+                    messages.append(message)
+            self._buffer.clear()
+            pos = nl + 1
+        rest = len(data) - pos
+        if rest and not self._skipping:
+            if len(self._buffer) + rest > MAX_LINE:
+                self._buffer.clear()
+                self._skipping = True
+                self.dropped_lines += 1
+            else:
+                self._buffer += view[pos:]
         return messages
+
+    def _line(self, raw: bytes) -> tuple[str, str] | None:
+        start = raw.find(MAGIC.encode() + b" ")
+        if start < 0:
+            return None
+        line = raw[start:].decode("ascii", errors="replace").rstrip("\r\x00 ")
+        parts = line.split(" ")
+        if len(parts) != 3:
+            return None
+        _, kind, payload = parts
+        try:
+            text = base64.b64decode(payload, validate=True).decode(errors="replace")
+        except (binascii.Error, ValueError):
+            return None
+        text = cap_field(text)
+        self._apply(kind, text)
+        return kind, text
 
     def _apply(self, kind: str, text: str) -> None:
         if kind == "state" and text in STATES:
+            if self.status.state in TERMINAL or self.status.state == text:
+                return  # repeated, or after the result: ignored (no event flood)
             self.status.state = text
             self.status.seen_states.append(text)
         elif kind == "error":

@@ -22,6 +22,8 @@ from imgprep.config import COMPRESSIONS, Config, load_config
 from imgprep.errors import Cancelled, ImgprepError, InvalidInput, RestoreFailed
 from imgprep.jobs import Job, build_request, job_is_running, job_needs_recovery, recover
 from imgprep.jobstore import JobStore, Record
+from imgprep.sanitize import clean
+from imgprep.statedir import UMASK
 from imgprep.workflow import CancelToken, cancel_on_signals
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNRESTORED, EXIT_CANCELED = 0, 1, 2, 3, 130
@@ -141,7 +143,7 @@ class HumanEvents:
             prefix = "rollback: " if event.get("chain") == "onerror_results" else ""
             line = f"{stamp} {prefix}{event['step']}: {status}{extra}"
             if status == "failed":
-                line += f": {event['error']['message']}"
+                line += f": {clean(event['error']['message'])}"
             self._line(line)
         elif kind == "guest":
             self._line(f"{stamp} guest: {event['state']}")
@@ -193,9 +195,9 @@ def format_boot_report(report: dict[str, Any] | None) -> str:
         f"  operator-script unit start  {sec('unit_start')}",
         f"  script start -> end         {sec('script_start')} -> {sec('script_end')}",
         f"  cleanup done, powering off  {sec('finish')}",
-        f"  services up when it ran     {' '.join(report.get('services', [])) or '-'}",
-        f"  of those, regular services  {' '.join(report.get('late_services', [])) or 'none'}",
-        f"  targets                     {' '.join(f'{k}={v}' for k, v in targets.items())}",
+        f"  services up when it ran     {clean(' '.join(report.get('services', []))) or '-'}",
+        f"  of those, regular services  {clean(' '.join(report.get('late_services', []))) or 'none'}",
+        f"  targets                     {clean(' '.join(f'{k}={v}' for k, v in targets.items()))}",
     ]
     return "\n".join(lines)
 
@@ -242,17 +244,17 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         try:
             job.run()
         except RestoreFailed as exc:
-            err.write(f"imgprep: error: {exc.message}\n")
+            err.write(f"imgprep: error: {clean(exc.message)}\n")
             code = EXIT_UNRESTORED
         except Cancelled as exc:
-            err.write(f"imgprep: {exc.message}; the VM was restored\n")
+            err.write(f"imgprep: {clean(exc.message)}; the VM was restored\n")
             code = EXIT_CANCELED
         except InvalidInput:
             if job.record.get("vm_touched"):
                 raise ImgprepError(job.record["error"]["message"]) from None
             raise
         except ImgprepError as exc:
-            err.write(f"imgprep: error: {exc.code}: {exc.message} (the VM was restored)\n")
+            err.write(f"imgprep: error: {clean(exc.code)}: {clean(exc.message)} (the VM was restored)\n")
             code = EXIT_FAILED
     summary = _summary(job.record)
     if args.json:
@@ -297,7 +299,9 @@ def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out.write(f"{'JOB':36}  {'VM':36}  {'EXECUTION':10}  {'CREATED':24}  NOTE\n")
             for row in rows:
                 note = "NEEDS RECOVERY: imgprep jobs recover " + row["uuid"] if row["needs_recovery"] else ""
-                out.write(f"{row['uuid']:36}  {row['vm']:36}  {row['execution']:10}  {row['created_at']:24}  {note}\n")
+                out.write(
+                    f"{row['uuid']:36}  {clean(row['vm']):36}  {row['execution']:10}  {row['created_at']:24}  {note}\n"
+                )
         return EXIT_OK
     record = recover(config, args.job_uuid)
     last = record.get("recovery", [{}])[-1].get("result")
@@ -317,6 +321,14 @@ def cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    umask = os.umask(UMASK)  # job records, sockets, temporary files: private unless said otherwise
+    try:
+        return _main(argv, out, err)
+    finally:
+        os.umask(umask)
+
+
+def _main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     debug = False
     try:
         args = build_parser().parse_args(argv)
@@ -334,15 +346,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
     except InvalidInput as exc:
-        err.write(f"imgprep: error: {exc.message}\n")
+        err.write(f"imgprep: error: {clean(exc.message)}\n")
         return EXIT_INVALID
     except RestoreFailed as exc:
-        err.write(f"imgprep: error: {exc.message}\n")
+        err.write(f"imgprep: error: {clean(exc.message)}\n")
         return EXIT_UNRESTORED
     except ImgprepError as exc:
         if debug:
             log.exception("failed")
-        err.write(f"imgprep: error: {exc.code}: {exc.message}\n")
+        err.write(f"imgprep: error: {clean(exc.code)}: {clean(exc.message)}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         err.write("imgprep: interrupted\n")

@@ -8,8 +8,9 @@
   (``pigz`` / ``xz -T0``, ``imgprep.compress``) and hashed in the same pass
   (``<uuid>.raw.gz`` / ``<uuid>.raw.xz``).
 
-Output is written to a hidden temporary name and renamed when complete, so a
-crashed export never leaves a file that looks finished.
+Output is written, mode 0600, in a private temporary directory inside the output
+directory (outputfiles.py) and renamed into place when complete, so a crashed
+export never leaves a file that looks finished and no other user can plant a name.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Protocol
 
 from imgprep.compress import STREAM_COMPRESSIONS, CompressingWriter, compress_file
 from imgprep.errors import CommandError
+from imgprep.outputfiles import create_private, publish, workdir
 
 __all__ = ["STREAM_COMPRESSIONS", "CompressingWriter", "ExportResult", "export_disk", "output_name"]
 
@@ -121,7 +123,7 @@ def _compress_stream(
     progress: Callable[[float], None],
     cancel: Cancellable | None,
 ) -> tuple[int, str, str]:
-    with dest.open("wb") as out:
+    with os.fdopen(create_private(dest), "wb") as out:
         result = compress_file(
             raw, out, compression, progress=lambda fraction: progress(50.0 + 50.0 * fraction), cancel=cancel
         )
@@ -141,29 +143,44 @@ def export_disk(
     cancel: Cancellable | None = None,
 ) -> ExportResult:
     dest = output_dir / output_name(image_uuid, compression)
-    partial = output_dir / f".{dest.name}.partial"
-    raw_tmp = output_dir / f".{image_uuid}.raw.partial"
-    try:
-        if compression in ("zstd", "none"):
-            opts = ["-c", "-o", "compression_type=zstd"] if compression == "zstd" else []
-            _qemu_img_convert(
-                ["-f", source_format, "-O", "qcow2", *opts, str(source), str(partial)],
-                progress,
-                cancel,
-                1.0,
-            )
-            with partial.open("rb+") as f:
-                os.fsync(f.fileno())
-            sha1, sha256 = _hash_file(partial)
-            size = partial.stat().st_size
-            fmt, file_compression = "qcow2", "none"
-        else:
-            _qemu_img_convert(["-f", source_format, "-O", "raw", str(source), str(raw_tmp)], progress, cancel, 0.5)
-            size, sha1, sha256 = _compress_stream(raw_tmp, partial, compression, progress, cancel)
-            fmt, file_compression = "raw", compression
-        partial.rename(dest)
-        progress(100.0)
-    finally:
-        for leftover in (partial, raw_tmp):
-            leftover.unlink(missing_ok=True)
-    return ExportResult(dest, size, sha1, sha256, file_compression, fmt)
+    with workdir(output_dir, image_uuid) as tmp:
+        partial = tmp / dest.name
+        raw_tmp = tmp / f"{image_uuid}.raw"
+        result = _export(
+            source, source_format, partial, raw_tmp, compression=compression, progress=progress, cancel=cancel
+        )
+        publish(partial, dest)
+    progress(100.0)
+    return dataclasses.replace(result, path=dest)
+
+
+def _export(
+    source: Path,
+    source_format: str,
+    partial: Path,
+    raw_tmp: Path,
+    *,
+    compression: str,
+    progress: Callable[[float], None],
+    cancel: Cancellable | None,
+) -> ExportResult:
+    if compression in ("zstd", "none"):
+        os.close(create_private(partial))  # qemu-img keeps the mode of a file it truncates
+        opts = ["-c", "-o", "compression_type=zstd"] if compression == "zstd" else []
+        _qemu_img_convert(
+            ["-f", source_format, "-O", "qcow2", *opts, str(source), str(partial)],
+            progress,
+            cancel,
+            1.0,
+        )
+        with partial.open("rb+") as f:
+            os.fsync(f.fileno())
+        sha1, sha256 = _hash_file(partial)
+        size = partial.stat().st_size
+        fmt, file_compression = "qcow2", "none"
+    else:
+        os.close(create_private(raw_tmp))
+        _qemu_img_convert(["-f", source_format, "-O", "raw", str(source), str(raw_tmp)], progress, cancel, 0.5)
+        size, sha1, sha256 = _compress_stream(raw_tmp, partial, compression, progress, cancel)
+        fmt, file_compression = "raw", compression
+    return ExportResult(partial, size, sha1, sha256, file_compression, fmt)

@@ -15,6 +15,8 @@ from imgprep.errors import ImgprepError, InvalidInput, VmBusy
 from imgprep.jobstore import JobStore, Record
 from imgprep.lock import VmLock, is_locked, lock_key
 from imgprep.manifest import validate_user_manifest
+from imgprep.outputfiles import output_dir_problem
+from imgprep.uuids import is_canonical
 from imgprep.workflow import (
     CancelToken,
     Engine,
@@ -80,6 +82,8 @@ def build_request(
         problems.append(f"output directory {out} does not exist")
     elif not os.access(out, os.W_OK | os.X_OK):
         problems.append(f"output directory {out} is not writable")
+    elif (unsafe := output_dir_problem(out)) is not None:
+        problems.append(unsafe)
     script_path = script or config.script
     script_bytes = b""
     script_name = ""
@@ -99,11 +103,8 @@ def build_request(
         problems.append(f"mode must be early or legacy, got {mode!r}")
     if backend == "smartos" and not host:
         problems.append("--host is required with --backend smartos")
-    if image_uuid is not None:
-        try:
-            uuidlib.UUID(image_uuid)
-        except ValueError:
-            problems.append(f"image uuid {image_uuid!r} is not a UUID")
+    if image_uuid is not None and not is_canonical(image_uuid):
+        problems.append(f"image uuid {image_uuid!r} is not a UUID in canonical lowercase form")
     if problems:
         raise InvalidInput(problems)
     return CreateRequest(

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from imgprep import statedir
 from imgprep.errors import InvalidInput
 
 RECORD_VERSION = 1
@@ -46,8 +47,9 @@ class JobStore:
         self.state_dir = state_dir
         self.path = state_dir / "imgprep.sqlite"
         self._init_lock = threading.Lock()
+        files = [self.path.name + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+        statedir.secure(state_dir, files)
         try:
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             db = sqlite3.connect(self.path, timeout=30)
             try:
                 db.executescript(_SCHEMA)
@@ -55,6 +57,7 @@ class JobStore:
                 db.close()
         except (OSError, sqlite3.Error) as exc:
             raise InvalidInput(f"state directory {state_dir}: cannot use it: {exc}") from None
+        statedir.secure(state_dir, files)  # the database files, whoever created them: 0600
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

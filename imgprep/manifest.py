@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import uuid as uuidlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from imgprep.errors import InvalidInput
+from imgprep.uuids import is_canonical
 
 TYPES = ("zone-dataset", "lx-dataset", "zvol", "docker", "other")
 OSES = ("smartos", "linux", "windows", "bsd", "illumos", "other")
@@ -30,10 +30,8 @@ _STRING_FIELDS = ("description", "homepage", "eula", "nic_driver", "disk_driver"
 def _check_uuid(value: Any) -> str | None:
     if not isinstance(value, str):
         return "must be a UUID string"
-    try:
-        uuidlib.UUID(value)
-    except ValueError:
-        return f"must be a UUID, got {value!r}"
+    if not is_canonical(value):
+        return f"must be a UUID in canonical lowercase form (8-4-4-4-12 hex digits), got {value!r}"
     return None
 
 

@@ -1,9 +1,13 @@
 """Who may talk to the server: the listen address and the bearer token.
 
-Without ``serve.token`` the server only listens on loopback. With it, every request
-but ``GET /ping`` must carry ``Authorization: Bearer <token>``; HTTP Basic with the
-token as the password (any user name) is accepted too, because that is the
-authentication IMGAPI's own clients know how to send.
+There is always a token: ``serve.token``, or one generated on first start into
+``<state dir>/serve.token`` (tokenfile.py). Every request must carry
+``Authorization: Bearer <token>`` (HTTP Basic with the token as the password, any
+user name, is accepted too: that is what IMGAPI's own clients can send), except
+``GET /ping`` and ``GET /jobs/:uuid``: IMGAPI's client polls the latter on the
+``workflow-api`` URL without credentials, so without them it answers the job's
+public view only (jobview.py). Without ``serve.token`` in the config the server
+listens on loopback only.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import binascii
 import hmac
 import ipaddress
 import logging
+import re
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -22,6 +27,7 @@ from imgprep.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/ping"})
+JOB_PATH = re.compile(r"^/jobs/[^/]+$")  # GET: open, answered with the public view unless authenticated
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -81,11 +87,16 @@ class TokenAuth:
         self.token = token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.token is None or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         header = Headers(scope=scope).get("authorization")
-        if header is None or not authorized(header, self.token):
+        ok = self.token is None or (header is not None and authorized(header, self.token))
+        scope.setdefault("state", {})["authenticated"] = ok
+        if scope["path"] in OPEN_PATHS or (scope["method"] in ("GET", "HEAD") and JOB_PATH.match(scope["path"])):
+            await self.app(scope, receive, send)
+            return
+        if not ok:
             log.info("unauthorized %s %s from %s", scope["method"], scope["path"], scope.get("client"))
             message = "missing or invalid credentials" if header else "authentication required"
             error = ApiError(401, "UnauthorizedError", message, headers={"WWW-Authenticate": 'Bearer realm="imgprep"'})

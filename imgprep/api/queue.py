@@ -33,6 +33,7 @@ from imgprep.errors import ImgprepError, InvalidInput, VmBusy
 from imgprep.jobs import Job, job_is_running, job_needs_recovery, recover
 from imgprep.jobstore import JobStore, Record
 from imgprep.lock import is_locked, lock_key
+from imgprep.sanitize import clean
 
 log = logging.getLogger(__name__)
 MAX_WAITING = 100  # queued jobs beyond the running ones; more is refused with 503
@@ -185,7 +186,7 @@ class JobQueue:
             log.info("job %s succeeded", job.uuid)
         except ImgprepError as exc:
             refusal = exc.as_dict()
-            log.warning("job %s %s: %s: %s", job.uuid, job.record["execution"], exc.code, exc.message)
+            log.warning("job %s %s: %s: %s", job.uuid, job.record["execution"], clean(exc.code), clean(exc.message))
         except Exception as exc:
             refusal = {"code": "InternalError", "message": f"{type(exc).__name__}: {exc}"}
             log.exception("job %s crashed", job.uuid)

@@ -13,7 +13,6 @@ Endpoints (docs/api.md has examples):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, cast
@@ -27,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from imgprep import __version__
+from imgprep import __version__, safejson
 from imgprep.api.auth import TokenAuth
 from imgprep.api.errors import ApiError, from_imgprep, invalid_parameter, missing_parameter
 from imgprep.api.service import EXECUTIONS, IMAGE_STATES, MAX_LIMIT, TASKS, UUID_RE, ImageFilter, Service
@@ -78,8 +77,8 @@ async def _json_body(request: Request) -> Any:
     if not raw.strip():
         return None
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return safejson.loads(raw, max_bytes=MAX_BODY)
+    except safejson.BadJSON as exc:
         raise ApiError(400, "InvalidContent", f"invalid JSON in the request body: {exc}") from None
 
 
@@ -213,7 +212,12 @@ async def list_image_jobs(request: Request) -> Response:
 
 
 async def get_job(request: Request) -> Response:
-    return JSONResponse(await _call(_service(request).get_job, request.path_params["uuid"]))
+    # open without the token (IMGAPI's client polls the workflow-api URL without
+    # credentials): then only the public view
+    account = _uuid_param(request.query_params, "account")
+    full = bool(request.scope.get("state", {}).get("authenticated"))
+    service = _service(request)
+    return JSONResponse(await _call(lambda: service.get_job(request.path_params["uuid"], account, full=full)))
 
 
 # --- errors --------------------------------------------------------------------------------

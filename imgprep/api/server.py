@@ -30,6 +30,7 @@ from imgprep.api.files import ContentMd5Cache
 from imgprep.api.queue import JobQueue, settle_previous_run
 from imgprep.api.routes import build_app
 from imgprep.api.service import Service, compute_nodes
+from imgprep.api.tokenfile import load_or_create, token_path
 from imgprep.config import Config
 from imgprep.errors import InvalidInput
 from imgprep.jobstore import JobStore
@@ -96,6 +97,7 @@ def serve(config: Config, *, listen: str | None = None, out: TextIO | None = Non
         backend += f" on {', '.join(compute_nodes(config))}"
     image_dir = Path(config.serve.image_dir).expanduser() if config.serve.image_dir else config.state_dir / "images"
     store = JobStore(config.state_dir)
+    token, generated = (config.serve.token, False) if config.serve.token else load_or_create(config.state_dir)
     try:
         image_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -107,7 +109,7 @@ def serve(config: Config, *, listen: str | None = None, out: TextIO | None = Non
         queue.on_success = service.precompute_md5
         server = _Server(
             uvicorn.Config(
-                build_app(service, config.serve.token),
+                build_app(service, token),
                 log_config=None,
                 lifespan="off",
                 timeout_graceful_shutdown=GRACEFUL_SECONDS,
@@ -120,7 +122,10 @@ def serve(config: Config, *, listen: str | None = None, out: TextIO | None = Non
                 queue.start_recovery(settle_previous_run(config, store))
                 bound_host, bound_port = sock.getsockname()[:2]
                 shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-                auth = "bearer token" if config.serve.token else "none (loopback only)"
+                if config.serve.token:
+                    auth = "bearer token (serve.token)"
+                else:
+                    auth = f"bearer token in {token_path(config.state_dir)}{' (generated)' if generated else ''}"
                 out.write(
                     f"imgprep serve: listening on http://{shown}:{bound_port} "
                     f"(backend: {backend}, workers: {config.serve.workers}, auth: {auth}, images: {image_dir})\n"

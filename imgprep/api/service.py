@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
+from imgprep.api import jobview
 from imgprep.api.errors import ApiError, invalid_parameter, not_found
 from imgprep.api.files import ContentMd5Cache, confined
 from imgprep.api.queue import JobQueue, LogEvents, close_backend
@@ -24,9 +24,10 @@ from imgprep.config import Config
 from imgprep.errors import InvalidInput
 from imgprep.jobs import Job, build_request, job_is_running
 from imgprep.jobstore import JobStore, Record
+from imgprep.uuids import CANONICAL_RE
 
 log = logging.getLogger(__name__)
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+UUID_RE = CANONICAL_RE  # lowercase only: one spelling per image and job
 IMAGE_STATES = ("active", "creating", "failed", "disabled", "unactivated", "all")
 EXECUTIONS = ("queued", "running", "succeeded", "failed", "canceled")
 TASKS = ("create-from-vm", "import-remote-image")
@@ -247,20 +248,29 @@ class Service:
 
     # --- jobs -------------------------------------------------------------------
 
-    def get_job(self, job_uuid: str) -> Record:
+    def get_job(self, job_uuid: str, account: str | None = None, *, full: bool = True) -> Record:
+        """The record whole (``full``, no ``account``: the operator), else its public view;
+        a job of another account is not found."""
         if not UUID_RE.match(job_uuid):
             raise not_found(f"job {job_uuid!r} not found")
         try:
-            return self.store.get(job_uuid.lower())
+            record = self.store.get(job_uuid)
         except InvalidInput:
             raise not_found(f"job {job_uuid} not found") from None
+        if account is not None and jobview.job_owner(record) != account:
+            raise not_found(f"job {job_uuid} not found")
+        return record if full and account is None else jobview.public(record)
 
     def image_jobs(self, image_uuid: str, account: str | None, task: str | None, execution: str | None) -> list[Record]:
         manifest = self.get_image(image_uuid, account)
         if task is not None and task != "create-from-vm":
             return []  # imgprep only runs create-from-vm jobs
-        return [
+        jobs = [
             job
             for job in self.store.list_jobs()
             if job["params"].get("image_uuid") == manifest["uuid"] and execution in (None, job["execution"])
         ]
+        if account is None:
+            return jobs
+        # seeing a public image does not show its owner's jobs; one's own, only their public view
+        return [jobview.public(job) for job in jobs if jobview.job_owner(job) == account]

@@ -24,6 +24,8 @@ from imgprep.config import Config
 from imgprep.errors import ImgprepError, PrepareFailed
 from imgprep.export import ExportResult
 from imgprep.manifest import build_manifest, default_version, rfc3339
+from imgprep.outputfiles import remove_workdirs, write_file
+from imgprep.sanitize import clean
 from imgprep.workflow import Engine, Step
 
 log = logging.getLogger(__name__)
@@ -173,9 +175,7 @@ class Backend(abc.ABC):
             published_at=rfc3339(),
         )
         target = path.parent / f"{self.params['image_uuid']}.imgmanifest"
-        partial = path.parent / f".{target.name}.partial"
-        partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        partial.rename(target)
+        write_file(target, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         self.state["manifest_path"] = str(target)
         self.state["file_path"] = str(path)
         self.record["manifest"] = manifest
@@ -201,6 +201,7 @@ class Backend(abc.ABC):
         """A job that did not succeed leaves no image: remove its (half-)written files."""
         out = Path(self.params["output_dir"])
         image_uuid = self.params["image_uuid"]
+        remove_workdirs(out, image_uuid)
         for leftover in [*out.glob(f".{image_uuid}*.partial"), *out.glob(f"{image_uuid}.*")]:
             leftover.unlink(missing_ok=True)
 
@@ -263,7 +264,7 @@ class Backend(abc.ABC):
             lambda s, _off: s.state in ("success", "error"),
         )
         if self.status.state == "error":
-            detail = (self.status.error or "no detail").strip()
+            detail = clean((self.status.error or "no detail").strip())  # guest text: escaped once, here
             raise PrepareFailed(f"prepare script failed in the guest: {detail}", code="PrepareImageError")
 
     def wait_shutoff(self) -> None:

@@ -5,7 +5,8 @@
 * inject: the early unit, its runner and the operator script, written offline with
   libguestfs;
 * prepare boot: ``createXML`` of the domain's own persistent definition plus one
-  extra file-backed serial port (the guest's channel to us) and ``on_poweroff``
+  extra serial port on a UNIX socket (the guest's channel to us, never rotated by
+  virtlogd and costing no host disk: see guestchannel.py) and ``on_poweroff``
   destroy. The persistent definition is never changed: libvirt keeps it as the
   domain's config while the live definition differs for this one boot.
 """
@@ -31,6 +32,8 @@ from imgprep.channel import ChannelParser, GuestStatus
 from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
 from imgprep.export import ExportResult, export_disk
+from imgprep.guestchannel import SocketChannel, prepare_socket_dir, socket_path
+from imgprep.leftovers import check_clean
 from imgprep.libguestfs import open_guest
 from imgprep.run import run
 from imgprep.workflow import Engine
@@ -98,8 +101,8 @@ def prepare_xml(persistent_xml: str, channel_path: Path) -> tuple[str, int]:
     port = max(ports, default=-1) + 1
     if port >= MAX_SERIAL_PORTS:
         raise NotSupported(f"the domain already uses serial ports up to ttyS{port - 1}; imgprep needs one free")
-    serial = ET.SubElement(devices, "serial", {"type": "file"})
-    ET.SubElement(serial, "source", {"path": str(channel_path)})
+    serial = ET.SubElement(devices, "serial", {"type": "unix"})
+    ET.SubElement(serial, "source", {"mode": "bind", "path": str(channel_path)})
     ET.SubElement(serial, "target", {"port": str(port)})
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         element = root.find(event)
@@ -125,7 +128,7 @@ class LibvirtBackend(Backend):
         super().__init__(config, engine)
         self._conn: Any = None
         self._parser = ChannelParser()  # what the guest reported during the prepare boot
-        self._offset = 0  # how much of the channel file was read
+        self._channel: SocketChannel | None = None  # our end of the guest's serial port
 
     # --- libvirt plumbing -------------------------------------------------------
 
@@ -155,13 +158,13 @@ class LibvirtBackend(Backend):
         conn = self._connect()
         return self._call("look up the VM", lambda: conn.lookupByUUIDString(self.state["vm_uuid"]))
 
-    def _job_dir(self) -> Path:
-        path: Path = self.config.state_dir / "jobs" / self.record["uuid"]
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return path
-
     def _channel_path(self) -> Path:
-        return self._job_dir() / "guest-channel.log"
+        return socket_path(self.record["uuid"])
+
+    def _guest_channel(self) -> SocketChannel:
+        if self._channel is None:
+            self._channel = SocketChannel(self._channel_path(), self._parser)
+        return self._channel
 
     # --- validate ---------------------------------------------------------------
 
@@ -351,6 +354,7 @@ class LibvirtBackend(Backend):
                 return  # retried after a dropped connection: already booted
             raise ImgprepError("the VM is running before the prepare boot", code="VmRunning")
         channel = self._channel_path()
+        prepare_socket_dir()
         channel.unlink(missing_ok=True)
         persistent = self._call(
             "read the definition",
@@ -362,7 +366,10 @@ class LibvirtBackend(Backend):
         conn = self._connect()
         self._call("start the prepare boot", lambda: conn.createXML(xml, 0))
         self._parser = ChannelParser()
-        self._offset = 0
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = None
+        self._guest_channel().connect()  # at once: QEMU drops what is written before we connect
 
     def _shutdown_in_flight(self) -> bool:
         s = self.state
@@ -374,20 +381,27 @@ class LibvirtBackend(Backend):
         return str(self._channel_path()) in live
 
     def poll_guest(self) -> tuple[GuestStatus, bool]:
-        try:
-            with self._channel_path().open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
-        self._offset += len(data)
-        self._parser.feed(data)
+        channel = self._guest_channel()
+        status = channel.poll()
         dom = self._domain()
         powered_off = not self._call("query state", dom.isActive)
-        return self._parser.status, powered_off
+        if powered_off:  # what QEMU sent before it exited may still be in the socket: take it, then let go
+            channel.drain()
+            status = channel.poll()
+            channel.close()
+            self._channel_path().unlink(missing_ok=True)
+        self.state["channel_bytes"] = channel.bytes_read  # what the guest wrote to us (saved with the step)
+        return status, powered_off
 
     def export(self) -> ExportResult:
-        boot = self._disks(self._persistent_xml())[0]
+        disks = self._disks(self._persistent_xml())
+        # the guest's "success" is its own claim: look for imgprep's files before publishing
+        check_clean(
+            [(Path(d["path"]), d["format"]) for d in disks],
+            self.state.get("injected") or [],
+            force_tcg=self.config.libguestfs_tcg,
+        )
+        boot = disks[0]
         last = [-1]
 
         def progress(pct: float) -> None:

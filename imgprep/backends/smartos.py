@@ -55,11 +55,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgprep import artifacts
+from imgprep import artifacts, safejson
 from imgprep.backends.base import Backend, CreateRequest, StopTimeout, VmFacts
-from imgprep.channel import STATES, GuestStatus, parse_report
+from imgprep.channel import STATES, GuestStatus, cap_field, parse_report
 from imgprep.errors import CommandError, ImgprepError, InvalidInput, TransientError, VmBusy
 from imgprep.export import STREAM_COMPRESSIONS, CompressingWriter, ExportResult
+from imgprep.outputfiles import create_private, publish, workdir
+from imgprep.sanitize import clean
 from imgprep.ssh import SshClient, SshTarget
 
 log = logging.getLogger(__name__)
@@ -187,14 +189,15 @@ def parse_guest_error(raw: str | None) -> tuple[str | None, str | None]:
     """
     if raw is None:
         return None, None
+    raw = cap_field(str(raw))
     try:
-        data = json.loads(raw)
-    except ValueError:
+        data = safejson.loads(raw)
+    except ValueError:  # not JSON, too deep, too large: read as text
         data = None
     if isinstance(data, dict):
-        message = str(data.get("message") or "no message")
+        message = cap_field(str(data.get("message") or "no message"))
         tail = data.get("output_tail")
-        tail_text = str(tail) if tail else None
+        tail_text = cap_field(str(tail)) if tail else None
     else:
         first, _, rest = raw.strip().partition("\n")
         message, tail_text = first.strip(), rest.strip() or None
@@ -242,7 +245,7 @@ class SmartosBackend(Backend):
     def _json(self, argv: Sequence[str]) -> Any:
         out = self._run(argv).stdout
         try:
-            return json.loads(out)
+            return safejson.loads(out, max_bytes=64 * 1024 * 1024, max_depth=64)
         except ValueError:
             raise ImgprepError(f"{' '.join(argv)}: the node answered non-JSON output", code="BadNodeOutput") from None
 
@@ -359,7 +362,7 @@ class SmartosBackend(Backend):
             for snap, job in snaps.items():
                 if snap.startswith(CHECKPOINT_PREFIX) or (job not in ("-", "") and job != self.record["uuid"]):
                     raise VmBusy(
-                        f"VM {name} still has snapshot {ds}@{snap} from imgprep job {job}; "
+                        f"VM {name} still has snapshot {ds}@{clean(snap)} from imgprep job {clean(job)}; "
                         "run `imgprep jobs list` and `imgprep jobs recover JOB_UUID`"
                     )
             if ds == dataset and FINAL_SNAPNAME in snaps and snaps[FINAL_SNAPNAME] != self.record["uuid"]:
@@ -528,7 +531,7 @@ class SmartosBackend(Backend):
         metadata = vm.get("customer_metadata") or {}
         state = metadata.get(STATE_KEY)
         if state is not None and state not in STATES:
-            log.warning("ignoring unknown %s value %r", STATE_KEY, state)
+            log.warning("ignoring unknown %s value %s", STATE_KEY, clean(state, limit=100))
             state = None
         seen = list(self.status.seen_states)
         if state is not None and (not seen or seen[-1] != state):
@@ -538,8 +541,8 @@ class SmartosBackend(Backend):
         status = GuestStatus(
             state=state,
             error=error,
-            log=metadata.get(LOG_KEY) or tail,
-            report=parse_report(raw_report) if isinstance(raw_report, str) else None,
+            log=cap_field(str(metadata.get(LOG_KEY) or tail)) if (metadata.get(LOG_KEY) or tail) else None,
+            report=parse_report(cap_field(raw_report)) if isinstance(raw_report, str) else None,
             seen_states=seen,
         )
         return status, vm.get("state") == "stopped"
@@ -568,12 +571,21 @@ class SmartosBackend(Backend):
         compression = self.params["compression"]
         out_dir = Path(self.params["output_dir"])
         dest = out_dir / f"{self.params['image_uuid']}{FILE_SUFFIX[compression]}"
-        partial = out_dir / f".{dest.name}.partial"
+        t0 = time.monotonic()
+        with workdir(out_dir, self.params["image_uuid"]) as tmp:
+            partial = tmp / dest.name
+            size, sha1, sha256, received = self._receive(snap, partial, compression, estimate)
+            publish(partial, dest)
+        self.emit({"event": "progress", "step": "export", "percent": 100.0})
+        self.state["export_seconds"] = round(time.monotonic() - t0, 3)
+        self.state["stream_bytes"] = received
+        return ExportResult(dest, size, sha1, sha256, compression, "zfs")
+
+    def _receive(self, snap: str, partial: Path, compression: str, estimate: int) -> tuple[int, str, str, int]:
+        """``zfs send`` of ``snap`` into ``partial`` (a new 0600 file), compressed and hashed."""
         received = 0
         last = -1
-
-        t0 = time.monotonic()
-        with partial.open("wb") as f:
+        with os.fdopen(create_private(partial), "wb") as f:
             writer = CompressingWriter(f, compression)
 
             def sink(data: bytes) -> None:
@@ -590,11 +602,7 @@ class SmartosBackend(Backend):
             size, sha1, sha256 = writer.finish()
             f.flush()
             os.fsync(f.fileno())
-        partial.rename(dest)
-        self.emit({"event": "progress", "step": "export", "percent": 100.0})
-        self.state["export_seconds"] = round(time.monotonic() - t0, 3)
-        self.state["stream_bytes"] = received
-        return ExportResult(dest, size, sha1, sha256, compression, "zfs")
+        return size, sha1, sha256, received
 
     def _send_size(self, snap: str) -> int:
         """``zfs send -nP``'s estimate of the stream size (for the progress bar only)."""

@@ -111,6 +111,11 @@ def read_listening_line(proc: subprocess.Popen[str], stderr_path: Path) -> str:
     return match.group(1)
 
 
+def generated_token(state_dir: Path) -> str:
+    """The token ``imgprep serve`` generated on first start (what an operator would read)."""
+    return (state_dir / "serve.token").read_text().strip()
+
+
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
@@ -155,7 +160,8 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         proc, stderr_path = spawn(
             state, "--listen", listen, fake_world=tmp_path / "world" if fake else None, config=config
         )
-        server = Server(proc, read_listening_line(proc, stderr_path), state, stderr_path, token)
+        url = read_listening_line(proc, stderr_path)
+        server = Server(proc, url, state, stderr_path, token or generated_token(state))
         servers.append(server)
         return server
 

@@ -6,6 +6,7 @@ import base64
 import http.client
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -101,6 +102,11 @@ def test_create_rejects_bad_query(
         (b"[1, 2]", 422, "ValidationFailed"),
         (b'"a string"', 422, "ValidationFailed"),
         (b"[" * 100_000, 400, "InvalidContent"),
+        (b'{"name": "x", "version": ' + b"9" * 5000 + b"}", 400, "InvalidContent"),
+        (b'{"requirements": {"min_ram": ' + b"1" * 5000 + b"}}", 400, "InvalidContent"),
+        (b"9" * 5000, 400, "InvalidContent"),
+        (b'{"a":' * 5000, 400, "InvalidContent"),
+        (b'{"name": NaN}', 400, "InvalidContent"),
         (b'{"name": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413, "RequestEntityTooLarge"),
     ],
 )
@@ -153,6 +159,36 @@ def test_create_refuses_existing_image_uuid(fake_server: Server, world: Path) ->
         response = create(client, vm, {"name": "img", "version": "1", "uuid": image_uuid})
         assert_error(response, 409, "ImageUuidAlreadyExists")
         assert client.get(f"/images/{image_uuid}").json()["state"] == "active"
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda u: "urn:uuid:{" + u.upper() + "}",
+        lambda u: u.upper(),
+        lambda u: u.replace("-", ""),
+    ],
+)
+def test_create_refuses_non_canonical_image_uuid(fake_server: Server, world: Path, spelling: Any) -> None:
+    image_uuid = str(uuid.uuid4())
+    vm = str(uuid.uuid4())
+    add_vm(world, vm, "proto")
+    with fake_server.client() as client:
+        body = assert_error(
+            create(client, vm, {"name": "img", "version": "1", "uuid": spelling(image_uuid)}), 422, "ValidationFailed"
+        )
+        assert "canonical" in body["message"]
+        assert nothing_created(client)
+        # control: the canonical spelling of the same UUID is accepted
+        assert create(client, vm, {"name": "img", "version": "1", "uuid": image_uuid}).status_code == 200
+
+
+def test_paths_with_non_canonical_uuids_are_not_found(fake_server: Server) -> None:
+    image_uuid = str(uuid.uuid4())
+    JobStore(fake_server.state_dir).save_image(image_uuid, "j", "active", {"uuid": image_uuid, "state": "active"}, None)
+    with fake_server.client() as client:
+        assert client.get(f"/images/{image_uuid}").status_code == 200  # control
+        assert_error(client.get(f"/images/{image_uuid.upper()}"), 404, "ResourceNotFound")
 
 
 # --- authentication and exposure ------------------------------------------------------
@@ -226,6 +262,8 @@ def raw_get(server: Server, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         conn.putrequest("GET", path, skip_accept_encoding=True)
+        if server.token:
+            conn.putheader("Authorization", f"Bearer {server.token}")
         conn.endheaders()
         response = conn.getresponse()
         return response.status, response.read()

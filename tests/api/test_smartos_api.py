@@ -26,6 +26,7 @@ from tests.api.conftest import (
     Server,
     assert_error,
     create,
+    generated_token,
     nothing_created,
     read_listening_line,
     spawn,
@@ -67,7 +68,8 @@ class Cluster:
             )
         )
         proc, stderr = spawn(state, "--listen", "127.0.0.1:0", config=config)
-        return Server(proc, read_listening_line(proc, stderr), state, stderr, None)
+        url = read_listening_line(proc, stderr)
+        return Server(proc, url, state, stderr, generated_token(state))
 
 
 @pytest.fixture(scope="module")

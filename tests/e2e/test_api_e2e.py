@@ -36,8 +36,9 @@ POLL_SECONDS = 2.0
 class ImgapiClient:
     """The IMGAPI calls an image pipeline makes, per IMGAPI's documentation."""
 
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=60)
+    def __init__(self, url: str, token: str) -> None:
+        # IMGAPI's client sends HTTP Basic; the workflow poll below sends nothing
+        self.http = httpx.Client(base_url=url, timeout=60, auth=("imgapi", token))
 
     def create_image_from_vm(self, vm_uuid: str, manifest: dict[str, Any]) -> tuple[dict[str, Any], str]:
         response = self.http.post("/images", params={"action": "create-from-vm", "vm_uuid": vm_uuid}, json=manifest)
@@ -105,7 +106,7 @@ def test_imgapi_client_creates_an_image_through_imgprep_serve(
         )
     try:
         url = read_listening_line(proc, stderr_path)
-        client = ImgapiClient(url)
+        client = ImgapiClient(url, (state_dir / "serve.token").read_text().strip())
         wanted_uuid = str(uuid.uuid4())
         owner = str(uuid.uuid4())
         manifest = {"name": "e2e-api", "version": "1.0.0", "uuid": wanted_uuid, "owner": owner}

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from imgprep.channel import ChannelParser, parse_report
+from imgprep.channel import MAX_FIELD, MAX_LINE, MAX_MESSAGES_PER_FEED, ChannelParser, parse_report
 
 
 def line(kind: str, text: str) -> bytes:
@@ -132,7 +132,7 @@ def test_parse_report_tolerates_missing_and_bad_values() -> None:
     assert report["unit_start_us"] is None
     assert report["script_exit"] is None
     assert report["finish_us"] == 0
-    assert report["extra"] == "a=b"
+    assert "extra" not in report  # keys the runner does not send are not stored
     assert "no separator line" not in report
     assert report["timeline_ms"] == {
         "kernel_to_userspace": None,
@@ -141,3 +141,80 @@ def test_parse_report_tolerates_missing_and_bad_values() -> None:
         "script_end": None,
         "finish": None,  # zero means "not measured"
     }
+
+
+# --- a hostile guest: floods are bounded by size and count ----------------------------
+
+
+def test_a_line_without_newline_never_grows_the_buffer_past_its_cap() -> None:
+    parser = ChannelParser()
+    chunk = b"A" * (1024 * 1024)
+    peak = 0
+    for _ in range(100):  # 100 MiB without a newline
+        parser.feed(chunk)
+        peak = max(peak, parser.buffered)
+    assert peak <= MAX_LINE
+    # the over-long line is dropped whole, and the channel works again after its newline
+    assert parser.feed(b"tail of the long line\n" + line("state", "running")) == [("state", "running")]
+    assert parser.buffered == 0
+    assert parser.dropped_lines == 1
+
+
+def test_an_over_long_line_split_across_feeds_is_dropped_not_parsed() -> None:
+    parser = ChannelParser()
+    long = line("log", "x" * MAX_LINE)
+    assert len(long) > MAX_LINE
+    assert parser.feed(long[: MAX_LINE // 2]) == []
+    assert parser.feed(long[MAX_LINE // 2 :]) == []
+    assert parser.status.log is None
+    # control: a line just under the cap is parsed
+    ok = line("log", "y" * (MAX_LINE // 2))
+    assert [k for k, _ in parser.feed(ok)] == ["log"]
+
+
+def test_a_million_bare_newlines_produce_nothing_and_keep_no_buffer() -> None:
+    parser = ChannelParser()
+    assert parser.feed(b"\n" * 1_000_000) == []
+    assert parser.buffered == 0
+    assert parser.feed(b"\r\n" * 1000 + line("state", "running")) == [("state", "running")]
+
+
+def test_repeated_states_are_ignored_and_the_first_result_is_final() -> None:
+    parser = ChannelParser()
+    flood = line("state", "running") * 100_000
+    messages = parser.feed(flood)
+    assert len(messages) <= MAX_MESSAGES_PER_FEED
+    assert parser.status.seen_states == ["running"]
+    parser.feed(line("state", "success") + line("state", "error") + line("state", "running") * 10)
+    assert parser.status.state == "success"
+    assert parser.status.seen_states == ["running", "success"]
+
+
+def test_stored_fields_are_capped() -> None:
+    parser = ChannelParser()
+    big = "z" * (MAX_LINE // 2)  # fits in a line, far more than a field holds
+    assert len(big) > MAX_FIELD
+    parser.feed(line("log", big) + line("error", big) + line("report", "unit=" + big))
+    assert parser.status.log is not None
+    assert parser.status.error is not None
+    assert len(parser.status.log) < MAX_FIELD + 64
+    assert len(parser.status.error) < MAX_FIELD + 64
+    assert parser.status.log.endswith("characters cut]")
+    assert parser.status.report is not None
+    assert len(parser.status.report["unit"]) < MAX_FIELD + 64
+
+
+def test_messages_interleaved_with_a_flood_are_still_read() -> None:
+    parser = ChannelParser()
+    stream = b"\n" * 10_000 + b"B" * (3 * MAX_LINE) + b"\n" + line("state", "running") + b"\n" * 10_000
+    stream += line("state", "success")
+    seen = []
+    for i in range(0, len(stream), 4096):
+        seen.extend(parser.feed(stream[i : i + 4096]))
+        assert parser.buffered <= MAX_LINE
+    assert seen == [("state", "running"), ("state", "success")]
+
+
+def test_a_huge_integer_in_the_report_is_no_crash() -> None:
+    report = parse_report("script_exit=" + "9" * 5000)
+    assert report["script_exit"] is None

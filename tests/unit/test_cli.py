@@ -15,7 +15,7 @@ import pytest
 
 import imgprep.cli
 import imgprep.jobs
-from imgprep.cli import EXIT_INVALID, EXIT_OK, main
+from imgprep.cli import EXIT_INVALID, EXIT_OK, HumanEvents, format_boot_report, main
 from imgprep.jobstore import JobStore, Record
 from imgprep.lock import VmLock, lock_key
 from imgprep.workflow import new_record
@@ -235,6 +235,13 @@ def test_output_dir_not_writable(cli: Path, tmp_path: Path, monkeypatch: pytest.
     )
 
 
+def test_output_dir_others_can_write_is_refused(cli: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(0o1777)  # like /tmp: anyone could plant names in it
+    assert_invalid(["create", "--vm", VM, "--output-dir", str(out)], "writable by its group or others", state=cli)
+
+
 def test_every_input_problem_in_one_line(cli: Path, tmp_path: Path) -> None:
     err = assert_invalid(
         [
@@ -388,3 +395,26 @@ def test_jobs_recover_an_untouched_interrupted_job(jobs: dict[str, Record]) -> N
     }
     record = JobStore(Path(os.environ["IMGPREP_STATE_DIR"])).get(jobs["queued"]["uuid"])
     assert record["error"]["code"] == "Interrupted"
+
+
+HOSTILE = "\x1b[2K\rimgprep: job succeeded\nimgprep: forged line"
+
+
+def test_guest_text_in_a_failed_step_cannot_rewrite_the_terminal() -> None:
+    err = io.StringIO()
+    HumanEvents(err).emit(
+        {"event": "step", "step": "wait_result", "status": "failed", "error": {"message": HOSTILE}, "elapsed": 1.0}
+    )
+    text = err.getvalue()
+    assert "\x1b" not in text
+    assert "\r" not in text
+    assert text.count("\n") == 1  # one line, however many the guest sent
+    assert "\\x1b[2K\\rimgprep: job succeeded\\nimgprep: forged line" in text
+
+
+def test_guest_text_in_the_boot_report_is_escaped() -> None:
+    report = {"services": [HOSTILE], "late_services": [], "targets": {"a": HOSTILE}, "timeline_ms": {}}
+    text = format_boot_report(report)
+    assert "\x1b" not in text
+    assert "\r" not in text
+    assert len(text.splitlines()) == 8  # the report's own lines only

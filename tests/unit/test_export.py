@@ -16,6 +16,7 @@ import pytest
 
 from imgprep.errors import CommandError
 from imgprep.export import CompressingWriter, ExportResult, export_disk, output_name
+from imgprep.outputfiles import output_dir_problem
 from tests.capabilities import requires
 
 pytestmark = pytest.mark.allow_subprocess("qemu-img", "setpriv")  # export runs qemu-img under setpriv --pdeathsig
@@ -191,3 +192,60 @@ def test_export_result_is_frozen() -> None:
     result = ExportResult(Path("/x"), 1, "a", "b", "none", "qcow2")
     with pytest.raises(AttributeError):
         result.size = 2  # type: ignore[misc]
+
+
+# --- other local users: planted names and shared directories ------------------------
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_planted_symlinks_at_the_output_names_are_never_followed(
+    source: tuple[Path, bytes], tmp_path: Path, compression: str
+) -> None:
+    disk, _ = source
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file\n")
+    dest = out / output_name(IMAGE_UUID, compression)
+    planted = [
+        out / f".{dest.name}.partial",  # the names earlier versions wrote to
+        out / f".{IMAGE_UUID}.raw.partial",
+        dest,
+    ]
+    for link in planted:
+        link.symlink_to(victim)
+    result = export_disk(disk, "qcow2", out, IMAGE_UUID, compression)
+    assert victim.read_bytes() == b"root's file\n"
+    assert result.path == dest
+    assert not dest.is_symlink()  # the planted link was replaced, not written through
+    assert dest.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in planted)  # no work directory left
+
+
+def test_files_are_private_until_complete(source: tuple[Path, bytes], tmp_path: Path) -> None:
+    disk, _ = source
+    out = tmp_path / "out"
+    out.mkdir()
+    modes: list[int] = []
+
+    def progress(_pct: float) -> None:
+        for work in out.glob(f".{IMAGE_UUID}.work-*"):
+            modes.append(work.stat().st_mode & 0o777)
+            modes.extend(f.stat().st_mode & 0o777 for f in work.iterdir())
+
+    export_disk(disk, "qcow2", out, IMAGE_UUID, "gzip", progress=progress)
+    assert modes  # the work directory and its files were seen during the export
+    assert set(modes) <= {0o700, 0o600}
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775, 0o757])
+def test_an_output_directory_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    problem = output_dir_problem(shared)
+    assert problem is not None
+    assert "writable by its group or others" in problem
+    # control: the same directory, private again
+    shared.chmod(0o755)
+    assert output_dir_problem(shared) is None
