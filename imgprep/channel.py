@@ -56,9 +56,13 @@ def parse_report(text: str) -> dict[str, Any]:
         else:
             report[key] = value
 
+    # systemd's 0 means "not recorded"; a zone's report counts whole seconds since the
+    # zone booted (clock=zone), where 0 is a time
+    least = 0 if report.get("clock") == "zone" else 1
+
     def ms(key: str) -> float | None:
         value = report.get(key)
-        return round(value / 1000, 1) if isinstance(value, int) and value > 0 else None
+        return round(value / 1000, 1) if isinstance(value, int) and value >= least else None
 
     report["timeline_ms"] = {
         "kernel_to_userspace": ms("userspace_us"),
