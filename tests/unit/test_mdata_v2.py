@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import os
 import pty
+import shlex
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -15,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from imgprep.artifacts import PREFIX
+from imgprep.channel import parse_report
 from tests.simulator.mdata_v2 import MetadataV2, crc32_hex, frame, parse_frame
+from tests.unit.test_runner import assert_cleaned_up, make_tree, namespaces, run_runner
+
+__all__ = ["namespaces"]  # the capability probe fixture of test_runner.py
 
 CLIENT = Path(__file__).resolve().parents[2] / "units" / "imgprep-mdata-v2"
 
@@ -155,3 +162,33 @@ def test_the_sh_client_refuses_a_path_that_is_no_tty(tmp_path: Path) -> None:
     result = _client(str(tmp_path / "file"), "put", "k", "v")
     assert result.returncode == 2
     assert "not a character device" in result.stderr
+
+
+# --- the prepare runner's mdata-v2 channel ----------------------------------------------------
+
+
+@pytest.mark.allow_subprocess("unshare")
+def test_the_runner_reports_through_the_v2_client(tmp_path: Path, namespaces: None) -> None:
+    """units/imgprep-prepare-runner with IMGPREP_CHANNEL=mdata-v2:<tty>, in the private
+    namespaces of tests/unit/test_runner.py, its client talking to the service over a pty."""
+    service = MetadataV2({})
+    port = PtyPort(service)
+    try:
+        run = make_tree(tmp_path, "#!/bin/sh\necho cleaned\n")
+        armed = run.host(PREFIX) / "armed"
+        armed.write_text(armed.read_text().replace(shlex.quote(str(run.channel)), shlex.quote(f"mdata-v2:{port.path}")))
+        shutil.copy2(CLIENT, run.host(PREFIX) / "mdata-v2")
+        run_runner(run)
+    finally:
+        port.close()
+    assert run.returncode == 0, run.stderr
+    assert service.customer["prepare-image:state"] == "success"
+    assert service.customer["imgprep:log"] == "cleaned"
+    report = parse_report(service.customer["imgprep:report"])
+    assert report["script_exit"] == 0
+    assert report["late_services"] == ["cron.service"]  # what the fake systemctl lists
+    # the states in the order they were put: running first, success last
+    puts = [key for code, key in service.requests if code == "PUT"]
+    assert puts[0] == puts[-1] == base64.b64encode(b"prepare-image:state").decode()
+    assert not run.host(PREFIX).exists()  # the client went with the runner's files
+    assert_cleaned_up(run)
