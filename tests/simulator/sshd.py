@@ -48,6 +48,7 @@ class OpenSshServer:
             "UsePAM no",
             "StrictModes no",
             "AllowTcpForwarding yes",
+            "Subsystem sftp internal-sftp",  # what QEMU's ssh block driver uses
             "LogLevel DEBUG1",
         ]
         if trusted_ca is not None:
