@@ -60,9 +60,13 @@ def parse_report(text: str) -> dict[str, Any]:
             report[key] = value
         # any other key is the guest's invention: not stored
 
+    # systemd's 0 means "not recorded"; a zone's report counts whole seconds since the
+    # zone booted (clock=zone), where 0 is a time
+    least = 0 if report.get("clock") == "zone" else 1
+
     def ms(key: str) -> float | None:
         value = report.get(key)
-        return round(value / 1000, 1) if isinstance(value, int) and value > 0 else None
+        return round(value / 1000, 1) if isinstance(value, int) and value >= least else None
 
     report["timeline_ms"] = {
         "kernel_to_userspace": ms("userspace_us"),

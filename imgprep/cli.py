@@ -189,9 +189,12 @@ def format_boot_report(report: dict[str, Any] | None) -> str:
         return f"{value / 1000:.2f}s" if isinstance(value, int | float) else "?"
 
     targets = report.get("targets", {})
+    if report.get("clock") == "zone":  # the SMF method's report: whole seconds since the zone booted
+        head = ["boot report (time since the zone booted, 1 s resolution):"]
+    else:
+        head = ["boot report (time since kernel start):", f"  userspace (PID 1) started   {sec('kernel_to_userspace')}"]
     lines = [
-        "boot report (time since kernel start):",
-        f"  userspace (PID 1) started   {sec('kernel_to_userspace')}",
+        *head,
         f"  operator-script unit start  {sec('unit_start')}",
         f"  script start -> end         {sec('script_start')} -> {sec('script_end')}",
         f"  cleanup done, powering off  {sec('finish')}",

@@ -47,6 +47,7 @@ class SmartosHost:
     key_file: str | None = None
     known_hosts: str | None = None
     accept_new_host_key: bool = False
+    ssh_config: str | None = None  # None = ~/.ssh/config if it exists; "none" = do not read one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ def _parse_host(name: str, node: yaml.Node, problems: _Problems) -> SmartosHost 
     values: dict[str, Any] = {}
     for key, value in fields.items():
         path = f"hosts.{name}.{key}"
-        if key in ("host", "user", "key_file", "known_hosts"):
+        if key in ("host", "user", "key_file", "known_hosts", "ssh_config"):
             values[key] = _str(value, path, problems)
         elif key == "port":
             values[key] = _int(value, path, problems)

@@ -9,6 +9,12 @@
   is saved (and only an unknown one: a *changed* key is always refused, whatever the
   options). Both refusals are :class:`HostKeyRefused` (an ``InvalidInput``: nothing
   was touched).
+* The OpenSSH client configuration (``~/.ssh/config``, or a host's ``ssh_config``)
+  is honoured: ``Host`` aliases, ``HostName``, ``User``, ``Port``, ``IdentityFile``,
+  ``CertificateFile`` (and ``<key>-cert.pub``), ``UserKnownHostsFile`` and
+  ``ProxyJump`` through a headnode (:mod:`imgprep.ssh_config` plans the route; each
+  jump is a ``direct-tcpip`` channel of the previous hop, and every hop's host key is
+  verified as above).
 * A dropped connection, a channel that cannot be opened, a command that ends
   without an exit status (the transport died under it) are :class:`TransientError`:
   the client forgets the connection, the workflow engine retries the step, and the
@@ -34,6 +40,7 @@ import paramiko
 
 from imgprep.config import SmartosHost
 from imgprep.errors import CommandError, InvalidInput, TransientError
+from imgprep.ssh_config import Hop, plan_route
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,21 @@ class _AcceptAndSaveUnknown(paramiko.MissingHostKeyPolicy):
         log.warning("accepted and saved the new host key of %s (%s) in %s", hostname, fingerprint(key), self.path)
 
 
+def _certified_key(hop: Hop) -> paramiko.PKey | None:
+    """The first key file with its ``CertificateFile`` loaded (paramiko finds a
+    ``<key>-cert.pub`` next to a key by itself; an explicit CertificateFile needs this)."""
+    if hop.certificate_file is None or not hop.key_files:
+        return None
+    try:
+        key = paramiko.PKey.from_path(hop.key_files[0])
+        key.load_certificate(hop.certificate_file)
+    except (OSError, ValueError, paramiko.SSHException) as exc:
+        raise InvalidInput(
+            f"{hop}: key {hop.key_files[0]} with certificate {hop.certificate_file}: {exc}", code="SshAuthFailed"
+        ) from None
+    return key
+
+
 class SshClient:
     """One connection to a node, reopened on demand after a transient failure."""
 
@@ -137,6 +159,7 @@ class SshClient:
         self.target = target
         self.accept_new_host_key = accept_new_host_key or target.accept_new_host_key
         self._client: paramiko.SSHClient | None = None
+        self._jumps: list[paramiko.SSHClient] = []  # the ProxyJump hosts' connections, in order
         self._lock = threading.Lock()
 
     # --- connection -----------------------------------------------------------------
@@ -155,9 +178,46 @@ class SshClient:
             return transport
 
     def _open(self) -> paramiko.SSHClient:
+        """Connect through every hop of the route (``ProxyJump``), verifying each host key."""
         target = self.target
+        route = plan_route(
+            target.host,
+            user=target.user,
+            port=target.port,
+            key_file=target.key_file,
+            known_hosts=target.known_hosts,
+            ssh_config=target.ssh_config,
+        )
+        jumps: list[paramiko.SSHClient] = []
+        sock: socket.socket | paramiko.Channel | None = None
+        try:
+            for index, hop in enumerate(route):
+                if index > 0:
+                    sock = self._tunnel(jumps[-1], hop, route[index - 1])
+                jumps.append(self._open_hop(hop, sock, via=route[index - 1] if index else None))
+        except BaseException:
+            for client in reversed(jumps):
+                client.close()
+            raise
+        self._jumps = jumps[:-1]
+        return jumps[-1]
+
+    @staticmethod
+    def _tunnel(jump: paramiko.SSHClient, hop: Hop, via: Hop) -> paramiko.Channel:
+        """A ``direct-tcpip`` channel from the jump host to the next hop (what ``ssh -J`` opens)."""
+        transport = jump.get_transport()
+        assert transport is not None
+        try:
+            return transport.open_channel(
+                "direct-tcpip", (hop.host, hop.port), ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT
+            )
+        except (paramiko.ChannelException, paramiko.SSHException, OSError, EOFError) as exc:
+            raise TransientError(f"ssh {hop} via {via}: the jump host cannot connect: {exc}") from None
+
+    def _open_hop(self, hop: Hop, sock: socket.socket | paramiko.Channel | None, via: Hop | None) -> paramiko.SSHClient:
+        where = f"{hop}" if via is None else f"{hop} (via {via})"
         client = paramiko.SSHClient()
-        known = target.known_hosts_path
+        known = hop.known_hosts_path
         if known.exists():
             try:
                 client.load_host_keys(str(known))
@@ -166,23 +226,25 @@ class SshClient:
         client.set_missing_host_key_policy(
             _AcceptAndSaveUnknown(known) if self.accept_new_host_key else _RefuseUnknown()
         )
-        log.debug("ssh: connecting to %s", target)
-        try:
-            sock = socket.create_connection((target.host, target.port), timeout=CONNECT_TIMEOUT)
-            # Small request/response exchanges: without this, Nagle and delayed ACKs
-            # add tens of milliseconds to every command (OpenSSH sets it too).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            client.close()
-            raise TransientError(f"ssh {target}: cannot connect: {exc}") from None
+        log.debug("ssh: connecting to %s", where)
+        if sock is None:
+            try:
+                sock = socket.create_connection((hop.host, hop.port), timeout=CONNECT_TIMEOUT)
+                # Small request/response exchanges: without this, Nagle and delayed ACKs
+                # add tens of milliseconds to every command (OpenSSH sets it too).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                client.close()
+                raise TransientError(f"ssh {where}: cannot connect: {exc}") from None
         try:
             client.connect(
-                target.host,
+                hop.host,
                 sock=sock,
-                port=target.port,
-                username=target.user,
-                key_filename=target.key_file,
-                look_for_keys=target.key_file is None,
+                port=hop.port,
+                username=hop.user,
+                pkey=_certified_key(hop),
+                key_filename=list(hop.key_files) or None,  # type: ignore[arg-type]  # paramiko takes a list too
+                look_for_keys=not hop.key_files,
                 allow_agent=True,
                 timeout=CONNECT_TIMEOUT,
                 banner_timeout=CONNECT_TIMEOUT,
@@ -192,14 +254,14 @@ class SshClient:
         except _UnknownKey as exc:
             client.close()
             raise HostKeyRefused(
-                f"{target}: unknown host key {exc.key.get_name()} {fingerprint(exc.key)} "
+                f"{where}: unknown host key {exc.key.get_name()} {fingerprint(exc.key)} "
                 f"(not in {known}); verify it, then add it to known_hosts or rerun with --accept-new-host-key",
                 code="HostKeyUnknown",
             ) from None
         except paramiko.BadHostKeyException as exc:
             client.close()
             raise HostKeyRefused(
-                f"{target}: HOST KEY CHANGED: the node offered {exc.key.get_name()} {fingerprint(exc.key)}, "
+                f"{where}: HOST KEY CHANGED: the node offered {exc.key.get_name()} {fingerprint(exc.key)}, "
                 f"{known} expects {exc.expected_key.get_name()} {fingerprint(exc.expected_key)}; refusing to "
                 f"connect (a changed key is never accepted automatically: remove the old entry if the node "
                 f"was really reinstalled)",
@@ -207,14 +269,15 @@ class SshClient:
             ) from None
         except paramiko.AuthenticationException as exc:
             client.close()
+            keys = ", ".join(hop.key_files) or "default keys and ssh-agent"
             raise InvalidInput(
-                f"{target}: authentication failed ({exc}); key file: {target.key_file or 'default keys and ssh-agent'}",
+                f"{where}: authentication failed ({exc}); key files: {keys}",
                 code="SshAuthFailed",
             ) from None
         except (OSError, EOFError, paramiko.SSHException) as exc:
             client.close()
             sock.close()
-            raise TransientError(f"ssh {target}: cannot connect: {exc or type(exc).__name__}") from None
+            raise TransientError(f"ssh {where}: cannot connect: {exc or type(exc).__name__}") from None
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(KEEPALIVE_SECONDS)
@@ -224,6 +287,9 @@ class SshClient:
         if self._client is not None:
             self._client.close()
             self._client = None
+        for jump in reversed(self._jumps):
+            jump.close()
+        self._jumps = []
 
     def close(self) -> None:
         with self._lock:

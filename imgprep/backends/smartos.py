@@ -78,7 +78,7 @@ FINAL_SNAPNAME = "final"  # what imgadm names the image snapshot (origins of inc
 JOB_PROPERTY = "imgprep:job"  # ZFS user property marking the snapshots a job made
 STATE_KEY = "prepare-image:state"
 ERROR_KEY = "prepare-image:error"
-REPORT_KEY = "imgprep:report"  # the runner's boot report (lx zones)
+REPORT_KEY = "imgprep:report"  # the boot report: the lx runner's, or the SMF method's (clock=zone)
 LOG_KEY = "imgprep:log"  # the tail of the operator script's output (lx zones)
 FILE_SUFFIX = {"none": ".zfs", "gzip": ".zfs.gz", "xz": ".zfs.xz"}
 

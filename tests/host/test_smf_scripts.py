@@ -17,12 +17,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from imgprep.channel import parse_report
 from tests.capabilities import requires
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +54,15 @@ elif name in ("halt", "uadmin"):
     sys.exit(1)
 elif name == "svcprop":
     sys.exit(int(os.environ.get("FAKE_SVCPROP_RC", "0")))
+elif name == "svcs":  # -H -o state,fmri [FMRI...]: FAKE_SVCS is "state fmri" lines
+    lines = [l.split() for l in os.environ.get("FAKE_SVCS", "").splitlines() if l.strip()]
+    wanted = [a for a in sys.argv[1:] if a.startswith("svc:/")]
+    for state, fmri in lines:
+        if not wanted or fmri in wanted:
+            print(state, fmri)
+elif name == "kstat":  # -p -m zones -n ZONENAME -s boot_time
+    if "FAKE_BOOT_TIME" in os.environ:
+        print("zones:7:%s:boot_time\t%s" % (sys.argv[sys.argv.index("-n") + 1], os.environ["FAKE_BOOT_TIME"]))
 """
 
 # Commands that would act on the host if the real one ran: all must be fakes.
@@ -69,6 +80,8 @@ FAKED = (
     "init",
     "sync",
     "passwd",
+    "svcs",
+    "kstat",
 )
 
 
@@ -188,7 +201,8 @@ def _assert_traces_removed(sandbox: Sandbox) -> None:
 
 
 def _assert_teardown_then_halt(sandbox: Sandbox) -> None:
-    cmds = [c for c in _cmds(sandbox) if not c.startswith("zonename")]
+    # zonename, and the boot report's reads (kstat, svcs), before the teardown
+    cmds = [c for c in _cmds(sandbox) if not c.startswith(("zonename", "kstat ", "svcs "))]
     match = re.search(r'^DEPENDENT_INSTANCES="([^"]*)"', METHOD_PATH.read_text(), re.MULTILINE)
     assert match
     holds = [f"svcadm disable -s -t {fmri}" for fmri in match.group(1).split()]
@@ -227,10 +241,11 @@ def test_method_success_reports_cleans_up_and_halts(shell: str, sandbox: Sandbox
     # the fake halt kills the method, as the zone's death would
     assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
     assert (sandbox.root / "ran").read_text() == "cwd=/\n"
-    assert _mdata(sandbox) == [
+    assert [(k, v) for k, v in _mdata(sandbox) if k != "imgprep:report"] == [
         ("prepare-image:state", "running"),
         ("prepare-image:state", "success"),
     ]
+    assert [k for k, _ in _mdata(sandbox)][-2:] == ["imgprep:report", "prepare-image:state"]
     _assert_teardown_then_halt(sandbox)
     _assert_traces_removed(sandbox)
     assert "halting the zone" in result.stdout
@@ -254,10 +269,11 @@ def test_method_failure_sets_the_error_before_the_state(shell: str, sandbox: San
     assert [k for k, _ in keys] == [
         "prepare-image:state",
         "prepare-image:error",
+        "imgprep:report",
         "prepare-image:state",
     ]
     assert keys[0][1] == "running"
-    assert keys[2][1] == "error"
+    assert keys[3][1] == "error"
     error = _error(sandbox)
     assert error["exit_status"] == 3
     assert error["timed_out"] is False
@@ -309,7 +325,7 @@ def test_method_kills_a_hung_script_and_still_halts(shell: str, sandbox: Sandbox
     assert error["timeout_seconds"] == 1
     assert "timed out" in error["message"]
     assert error["output_tail"] == "started"
-    assert [k for k, _ in _mdata(sandbox)][-2:] == ["prepare-image:error", "prepare-image:state"]
+    assert [k for k, _ in _mdata(sandbox)][-3:] == ["prepare-image:error", "imgprep:report", "prepare-image:state"]
     sleep_pid = int((sandbox.root / "sleep.pid").read_text())
     assert not _alive(sleep_pid)  # the whole process tree was killed
     _assert_teardown_then_halt(sandbox)
@@ -347,7 +363,8 @@ def test_method_when_halt_returns_tries_uadmin_and_reports(shell: str, sandbox: 
     assert result.returncode == 95  # SMF_EXIT_ERR_FATAL
     assert _cmds(sandbox)[-2:] == ["halt -l", "uadmin 2 0"]
     keys = _mdata(sandbox)
-    assert keys[-2:] == [("prepare-image:error", keys[-2][1]), ("prepare-image:state", "error")]
+    assert [k for k, _ in keys[-3:]] == ["prepare-image:error", "imgprep:report", "prepare-image:state"]
+    assert keys[-1] == ("prepare-image:state", "error")
     assert "could not halt" in _error(sandbox)["message"]
 
 
@@ -641,3 +658,48 @@ def test_prepare_image_helpers_refuse_paths_outside_the_root(
     assert refused.returncode != 0
     assert "refusing path with '..'" in refused.stderr
     assert outside.exists()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_method_boot_report_lists_what_svcs_showed_online(shell: str, sandbox: Sandbox) -> None:
+    method = _install(sandbox, "#!/bin/sh\nexit 0\n")
+    svcs = "\n".join(
+        [
+            "online svc:/system/filesystem/minimal:default",
+            "offline* svc:/site/imgprep/operator-script:default",
+            "online svc:/system/filesystem/local:default",  # a dependent: should have waited
+            "offline svc:/milestone/multi-user:default",
+            "online svc:/network/loopback:default",
+        ]
+    )
+    boot = int(time.time()) - 100
+    _run(shell, method, sandbox, "start", FAKE_SVCS=svcs, FAKE_BOOT_TIME=str(boot))
+    reports = [v for k, v in _mdata(sandbox) if k == "imgprep:report"]
+    assert len(reports) == 1
+    report = parse_report(reports[0])
+    assert report["clock"] == "zone"
+    assert report["zone_boot_time"] == str(boot)
+    assert report["services"] == [
+        "svc:/system/filesystem/minimal:default",
+        "svc:/system/filesystem/local:default",
+        "svc:/network/loopback:default",
+    ]
+    assert report["late_services"] == ["svc:/system/filesystem/local:default"]
+    assert report["targets"]["svc:/milestone/multi-user:default"] == "offline"
+    assert report["targets"]["svc:/system/filesystem/minimal:default"] == "online"
+    # seconds since the zone booted, in microseconds, in order
+    starts = [report[k] for k in ("unit_start_us", "script_start_us", "script_end_us", "finish_us")]
+    assert all(isinstance(v, int) and v >= 100_000_000 and v % 1_000_000 == 0 for v in starts)
+    assert starts == sorted(starts)
+    assert report["script_exit"] == 0
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_method_boot_report_without_kstat_has_no_times(shell: str, sandbox: Sandbox) -> None:
+    method = _install(sandbox, "#!/bin/sh\nexit 0\n")
+    _run(shell, method, sandbox, "start", FAKE_SVCS="online svc:/network/loopback:default")
+    (raw,) = [v for k, v in _mdata(sandbox) if k == "imgprep:report"]
+    report = parse_report(raw)
+    assert report["services"] == ["svc:/network/loopback:default"]  # the control: svcs was read
+    assert report["script_start_us"] is None
+    assert report["timeline_ms"]["script_start"] is None

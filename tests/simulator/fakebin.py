@@ -2,7 +2,9 @@
 
 Installed as one Python script under several names (``mdata-put``, ``halt``...) first on
 the PATH of the start methods the simulated svc.startd runs. Each call is appended to
-``$SIM_CALLS``. ``mdata-put``/``mdata-get``/``mdata-delete`` read and write the zone's
+``$SIM_CALLS``. ``svcs -H -o state,fmri`` shows the states the simulated svc.startd wrote to ``$SIM_SVCS``
+before the running method started; ``kstat -p -m zones -n Z -s boot_time`` prints
+``$SIM_BOOT_TIME``. ``mdata-put``/``mdata-get``/``mdata-delete`` read and write the zone's
 customer metadata in ``$SIM_METADATA`` (the zone's ``config/metadata.json``, on the
 zone dataset as on SmartOS), which ``vmadm get`` reports. ``halt`` and ``uadmin`` halt
 the zone as they do in a non-global zone: at once, killing the caller, without stop
@@ -25,6 +27,8 @@ FAKE_COMMANDS = (
     "svcadm",
     "svccfg",
     "svcprop",
+    "svcs",
+    "kstat",
     "sync",
 )
 
@@ -67,6 +71,15 @@ elif name == "mdata-delete":
     metadata(lambda md: md.pop(args[0], None))
 elif name == "zonename":
     print(os.environ["SIM_ZONENAME"])
+elif name == "svcs":  # -H -o state,fmri [FMRI...]: the simulated svc.startd's states
+    with open(os.environ["SIM_SVCS"]) as f:
+        states = json.load(f)
+    wanted = [a for a in args if a.startswith("svc:/")]
+    for fmri in wanted or sorted(states):
+        if fmri in states:
+            print(states[fmri], fmri)
+elif name == "kstat":  # -p -m zones -n ZONENAME -s boot_time
+    print("zones:1:%s:boot_time\t%s" % (os.environ["SIM_ZONENAME"], os.environ["SIM_BOOT_TIME"]))
 elif name in ("halt", "uadmin", "shutdown", "poweroff", "reboot", "init"):
     open(os.environ["SIM_HALTED"], "w").close()
     os.kill(os.getppid(), signal.SIGKILL)

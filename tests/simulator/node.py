@@ -125,6 +125,7 @@ class BootRecord:
     held: list[str] = dataclasses.field(default_factory=list)  # enabled, not started while a method ran
     halted: bool = False  # the zone halted itself
     ended: str = ""  # "halted", "running", "stopped by vmadm stop ..."
+    booted_at: int = dataclasses.field(default_factory=lambda: int(time.time()))  # kstat zones:::boot_time
 
 
 @dataclasses.dataclass
@@ -589,6 +590,7 @@ class ComputeNode:
                         if other not in record.started:
                             record.started.append(other)
                     record.held = sorted(normal.online - parallel.online - {fmri})
+                self._write_svcs(zone, graph, record, fmri)
                 rc, halted = self._run_method(zone, fmri, method, generation)
                 record.methods.append({"fmri": fmri, "exit_status": rc, "halted": halted})
                 if halted:
@@ -600,6 +602,21 @@ class ComputeNode:
         with self._lock:
             if zone.generation == generation and not record.ended:
                 record.ended = "running"
+
+    def _write_svcs(self, zone: _Zone, graph: ServiceGraph, record: BootRecord, running: str) -> None:
+        """What the fake ``svcs`` shows while ``running``'s start method runs: what started
+        online, that method ``offline*`` (starting), disabled ones disabled, the rest offline."""
+        with self._lock:
+            started = set(record.started)
+        states = {}
+        for fmri, instance in graph.instances.items():
+            if fmri == running:
+                states[fmri] = "offline*"
+            elif not instance.enabled:
+                states[fmri] = "disabled"
+            else:
+                states[fmri] = "online" if fmri in started else "offline"
+        (self.run_dir / zone.uuid / "svcs.json").write_text(json.dumps(states))
 
     def _run_method(self, zone: _Zone, fmri: str, method: list[str], generation: int) -> tuple[int | None, bool]:
         root = self.zone_root(zone.uuid)
@@ -614,6 +631,8 @@ class ComputeNode:
             "SIM_CALLS": str(run / "calls.jsonl"),
             "SIM_HALTED": str(run / "halted"),
             "SIM_ZONENAME": zone.uuid,
+            "SIM_SVCS": str(run / "svcs.json"),
+            "SIM_BOOT_TIME": str(zone.boots[-1].booted_at),
         }
         # svc.startd sends a method's output to the instance's log in the zone
         log_path = root / "var/svc/log" / (fmri[len("svc:/") :].replace("/", "-") + ".log")
