@@ -38,6 +38,9 @@ _INT_KEYS = {
     "script_exit",
 }
 _LIST_KEYS = {"services", "late_services"}
+# short words: the unit's name, how the guest powered off, whose clock the times are on
+_TEXT_KEYS = {"unit", "poweroff", "clock", "zone_boot_time"}
+_TEXT_MAX = 256
 
 
 def parse_report(text: str) -> dict[str, Any]:
@@ -56,8 +59,8 @@ def parse_report(text: str) -> dict[str, Any]:
             report[key] = value.split()
         elif key == "targets":
             report[key] = dict(item.partition("=")[::2] for item in value.split())
-        elif key == "unit":
-            report[key] = value
+        elif key in _TEXT_KEYS:
+            report[key] = value[:_TEXT_MAX]
         # any other key is the guest's invention: not stored
 
     # systemd's 0 means "not recorded"; a zone's report counts whole seconds since the

@@ -19,8 +19,8 @@ import pytest
 
 from imgprep.artifacts import PREFIX
 from imgprep.channel import parse_report
+from tests.host.test_runner import assert_cleaned_up, make_tree, namespaces, run_runner
 from tests.simulator.mdata_v2 import MetadataV2, crc32_hex, frame, parse_frame
-from tests.unit.test_runner import assert_cleaned_up, make_tree, namespaces, run_runner
 
 __all__ = ["namespaces"]  # the capability probe fixture of test_runner.py
 
@@ -133,7 +133,6 @@ def _client(path: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["sh", str(CLIENT), path, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.mark.allow_subprocess("sh")
 def test_the_sh_client_puts_and_gets_through_a_tty(port: tuple[PtyPort, MetadataV2]) -> None:
     p, service = port
     value = "error\nline two with spaces, quotes ' \" and UTF-8 é"
@@ -148,7 +147,6 @@ def test_the_sh_client_puts_and_gets_through_a_tty(port: tuple[PtyPort, Metadata
     assert ("GET", "no-such-key") in service.requests
 
 
-@pytest.mark.allow_subprocess("sh")
 def test_the_sh_client_is_refused_sdc_writes(port: tuple[PtyPort, MetadataV2]) -> None:
     p, service = port
     refused = _client(p.path, "put", "sdc:operator-script", "evil")
@@ -157,7 +155,6 @@ def test_the_sh_client_is_refused_sdc_writes(port: tuple[PtyPort, MetadataV2]) -
     assert service.internal["operator-script"] == "#!/bin/sh\necho early\n"
 
 
-@pytest.mark.allow_subprocess("sh")
 def test_the_sh_client_refuses_a_path_that_is_no_tty(tmp_path: Path) -> None:
     result = _client(str(tmp_path / "file"), "put", "k", "v")
     assert result.returncode == 2
@@ -167,7 +164,6 @@ def test_the_sh_client_refuses_a_path_that_is_no_tty(tmp_path: Path) -> None:
 # --- the prepare runner's mdata-v2 channel ----------------------------------------------------
 
 
-@pytest.mark.allow_subprocess("unshare")
 def test_the_runner_reports_through_the_v2_client(tmp_path: Path, namespaces: None) -> None:
     """units/imgprep-prepare-runner with IMGPREP_CHANNEL=mdata-v2:<tty>, in the private
     namespaces of tests/unit/test_runner.py, its client talking to the service over a pty."""
