@@ -20,13 +20,12 @@ import logging
 import lzma
 import os
 import re
-import shlex
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, BinaryIO, cast
 
-from imgprep.errors import CommandError
+from imgprep.errors import Cancelled
+from imgprep.run import Cancellable, stream
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
@@ -53,11 +52,6 @@ class ExportResult:
         }
 
 
-class Cancellable(Protocol):
-    @property
-    def is_set(self) -> bool: ...
-
-
 def output_name(image_uuid: str, compression: str) -> str:
     return {
         "zstd": f"{image_uuid}.qcow2",
@@ -73,34 +67,19 @@ def _qemu_img_convert(
     cancel: Cancellable | None,
     share: float,
 ) -> None:
-    """Run ``qemu-img convert -p``, forwarding its percentage (scaled to ``share``)."""
-    # setpriv --pdeathsig: if imgprep is killed, qemu-img dies too instead of writing on
-    # into the output directory behind the back of `imgprep jobs recover`.
-    qemu_img = ["qemu-img", "convert", "-p", *args]
-    cmd = ["setpriv", "--pdeathsig", "KILL", "--", *qemu_img]
-    log.debug("run: %s", shlex.join(cmd))
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
+    """Run ``qemu-img convert -p``, forwarding its percentage (scaled to ``share``).
+
+    A cancel terminates it and raises Cancelled; it dies with imgprep (``stream``)."""
     buffer = b""
-    try:
-        while True:
-            data = proc.stdout.read1(256)  # type: ignore[attr-defined]
-            if not data:
-                break
-            buffer = (buffer + data)[-256:]
-            for match in _PROGRESS.finditer(buffer):
-                progress(float(match.group(1)) * share)
-            buffer = buffer[buffer.rfind(b"\r") + 1 :]
-            if cancel is not None and cancel.is_set:
-                proc.terminate()
-        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        code = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if code != 0:
-        raise CommandError(qemu_img, code, "", stderr)
+
+    def on_stdout(data: bytes) -> None:
+        nonlocal buffer
+        buffer = (buffer + data)[-256:]
+        for match in _PROGRESS.finditer(buffer):
+            progress(float(match.group(1)) * share)
+        buffer = buffer[buffer.rfind(b"\r") + 1 :]
+
+    stream(["qemu-img", "convert", "-p", *args], on_stdout, cancel=cancel)
 
 
 def _hash_file(path: Path) -> tuple[str, str]:
@@ -182,7 +161,7 @@ def _compress_stream(
             done += len(chunk)
             progress(50.0 + 50.0 * done / total)
             if cancel is not None and cancel.is_set:
-                raise InterruptedError("export canceled")
+                raise Cancelled("export canceled")
         result = writer.finish()
         out.flush()
         os.fsync(out.fileno())

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from imgprep.artifacts import artifact
-from imgprep.backends.base import Backend, CreateRequest
+from imgprep.backends.base import Backend, CreateRequest, Plan
 from imgprep.config import COMPRESSIONS, Config
-from imgprep.errors import ImgprepError, InvalidInput, VmBusy
+from imgprep.errors import ImgprepError, InvalidInput, RestoreFailed, VmBusy
 from imgprep.jobstore import JobStore, Record
 from imgprep.lock import VmLock, is_locked, lock_key
 from imgprep.manifest import validate_user_manifest
@@ -28,7 +28,7 @@ from imgprep.workflow import (
 log = logging.getLogger(__name__)
 
 
-def backend_class(name: str) -> type[Backend]:
+def backend_class(name: str) -> type[Backend[Any]]:
     if name == "libvirt":
         from imgprep.backends.libvirt import LibvirtBackend
 
@@ -54,6 +54,8 @@ def build_request(
     host: str | None = None,
     mode: str = "early",
     image_uuid: str | None = None,
+    accept_new_host_key: bool = False,
+    require_host: bool = True,
 ) -> CreateRequest:
     """Check every user input that does not need the hypervisor; report all problems."""
     problems: list[str] = []
@@ -96,7 +98,7 @@ def build_request(
         script_bytes, script_name = default.read_bytes(), default.name
     if mode not in ("early", "legacy"):
         problems.append(f"mode must be early or legacy, got {mode!r}")
-    if backend == "smartos" and not host:
+    if backend == "smartos" and not host and require_host:
         problems.append("--host is required with --backend smartos")
     if image_uuid is not None:
         try:
@@ -117,6 +119,7 @@ def build_request(
         host=host,
         mode=mode,
         script_is_default=script_path is None,
+        accept_new_host_key=accept_new_host_key,
     )
 
 
@@ -132,8 +135,16 @@ def job_needs_recovery(config: Config, record: Record) -> bool:
     return needs_recovery(record, running=job_is_running(config, record))
 
 
+def _retry(config: Config) -> RetryPolicy:
+    return RetryPolicy(config.retry_attempts, config.retry_max_seconds)
+
+
 class Job:
-    """One create job: validated, then run under the VM's lock."""
+    """One create job: located, validated once (under the VM's lock), then run under it.
+
+    The job owns its backend's lifecycle: ``close()`` (or the end of ``run()``) lets go
+    of every connection the backend holds.
+    """
 
     def __init__(
         self,
@@ -148,29 +159,52 @@ class Job:
         self.config = config
         self.request = request
         self.store = store or JobStore(config.state_dir)
-        params = request.params() | {"libvirt_uri": config.libvirt_uri}
-        self.record = new_record(name=f"create-from-vm-{request.vm}", params=params, chain=[], onerror=[], timeout=0)
-        self.engine = Engine(
-            self.record,
-            self.store,
-            events=events,
-            cancel=cancel,
-            retry=retry or RetryPolicy(config.retry_attempts, config.retry_max_seconds),
-        )
-        self.backend = backend_class(request.backend)(config, self.engine)
-        self.record["chain"] = [{"name": s.name} for s in self.backend.chain(request)]
-        self.record["onerror"] = [{"name": s.name} for s in self.backend.onerror()]
         t = config.timeouts
-        self.record["timeout"] = t.stop + t.boot + t.prepare + t.shutdown
+        self.record = new_record(
+            name=f"create-from-vm-{request.vm}",
+            params=request.index() | {"libvirt_uri": config.libvirt_uri, "vm_uuid": None},
+            chain=[],
+            onerror=[],
+            timeout=t.stop + t.boot + t.prepare + t.shutdown,
+        )
+        self.record["request"] = request.to_json()
+        self.engine = Engine(self.record, self.store, events=events, cancel=cancel, retry=retry or _retry(config))
+        self.backend: Backend[Any] = backend_class(request.backend)(config, self.engine, request)
+        self.plan: Plan | None = None
+        self.record.update(self.backend.chain(_PLACEHOLDER).names())
 
     @property
     def uuid(self) -> str:
         return str(self.record["uuid"])
 
-    def validate(self) -> None:
-        """Check the VM (nothing touched). Raises InvalidInput."""
+    def close(self) -> None:
+        self.backend.__exit__(None, None, None)
+
+    def locate(self) -> str:
+        """Find the VM (nothing touched); its UUID. Raises InvalidInput."""
+        vm_uuid = self.record["params"].get("vm_uuid")
+        if not vm_uuid:
+            self.backend.open()
+            vm_uuid = self.backend.locate()
+            self.record["params"]["vm_uuid"] = vm_uuid
+            self.record["target"] = f"/vms/{vm_uuid}"
+        return str(vm_uuid)
+
+    def _lock(self) -> VmLock:
+        return VmLock(self.config.state_dir, lock_key(self.request.backend, self.locate()))
+
+    def validate(self) -> Plan:
+        """Locate the VM and check everything under its lock (nothing touched): the plan.
+
+        Raises InvalidInput. ``run()`` executes this plan without validating again."""
+        with self._lock():
+            return self._validate()
+
+    def _validate(self) -> Plan:
+        if self.plan is not None:
+            return self.plan
         try:
-            facts = self.backend.validate()
+            plan = self.backend.validate()
         except VmBusy:
             # the checkpoint of a job that is still running looks like a leftover: say which
             vm = self.request.vm
@@ -179,9 +213,11 @@ class Job:
                 if vm in names and job_is_running(self.config, other):
                     raise VmBusy(f"VM {vm} is locked by another running imgprep job ({other['uuid']})") from None
             raise
-        self.record["params"]["vm_uuid"] = facts.uuid
-        self.record["state"].update(vm_uuid=facts.uuid, vm_name=facts.name, learned=facts.learned)
-        self.record["target"] = f"/vms/{facts.uuid}"
+        self.plan = plan
+        self.backend.adopt(plan)
+        self.record["params"]["vm_uuid"] = plan.uuid
+        self.record["target"] = f"/vms/{plan.uuid}"
+        return plan
 
     def check_no_unrecovered(self) -> None:
         vm_uuid = self.record["params"]["vm_uuid"]
@@ -193,7 +229,7 @@ class Job:
                 )
 
     def save_queued(self) -> None:
-        self.store.save(self.record)
+        self.engine.save()
         self.store.save_image(self.request.image_uuid, self.uuid, "creating", self._pending_manifest(), None)
 
     def _pending_manifest(self) -> dict[str, Any]:
@@ -205,25 +241,42 @@ class Job:
         }
 
     def run(self) -> Record:
-        """Take the VM's lock, run the chain (rollback on failure), update the image."""
-        vm_uuid = self.record["params"]["vm_uuid"]
-        with VmLock(self.config.state_dir, lock_key(self.request.backend, vm_uuid)):
-            self.check_no_unrecovered()
-            self.save_queued()
-            try:
-                self.engine.run(self.backend.chain(self.request), self.backend.onerror())
-            except ImgprepError as exc:
-                manifest = self._pending_manifest() | {"state": "failed", "error": exc.as_dict()}
-                self.store.save_image(self.request.image_uuid, self.uuid, "failed", manifest, None)
-                raise
-            self.store.save_image(
-                self.request.image_uuid,
-                self.uuid,
-                "active",
-                self.record["manifest"],
-                self.record["state"]["file_path"],
-            )
+        """Under the VM's lock: validate (unless done), run the chain, update the image."""
+        try:
+            with self._lock():
+                plan = self._validate()
+                self.check_no_unrecovered()
+                self.save_queued()
+                chain = self.backend.chain(plan)
+                self.record.update(chain.names())
+                try:
+                    self.engine.run(chain)
+                except RestoreFailed as exc:
+                    if self.record.get("manifest") and self.record["state"].get("file_path"):
+                        self._image_done()  # the image is complete: kept, only the VM is left to restore
+                    else:
+                        self._image_failed(exc)
+                    raise
+                except ImgprepError as exc:
+                    self._image_failed(exc)
+                    raise
+                self._image_done()
+        finally:
+            self.close()
         return self.record
+
+    def _image_done(self) -> None:
+        self.store.save_image(
+            self.request.image_uuid, self.uuid, "active", self.record["manifest"], self.record["state"]["file_path"]
+        )
+
+    def _image_failed(self, exc: ImgprepError) -> None:
+        manifest = self._pending_manifest() | {"state": "failed", "error": exc.as_dict()}
+        self.store.save_image(self.request.image_uuid, self.uuid, "failed", manifest, None)
+
+
+# The chain's step names do not depend on the plan: Job lists them before validating.
+_PLACEHOLDER = Plan("", "", running=False, learned={})
 
 
 def _mark_interrupted(record: Record, note: str = "") -> None:
@@ -237,8 +290,16 @@ def _mark_interrupted(record: Record, note: str = "") -> None:
     }
 
 
-def recover(config: Config, job_uuid: str, *, events: EventSink | None = None) -> Record:
-    """Finish the rollback of an interrupted or failed job. Idempotent."""
+def recover(
+    config: Config, job_uuid: str, *, events: EventSink | None = None, cancel: CancelToken | None = None
+) -> Record:
+    """Finish the rollback of an interrupted or failed job. Idempotent.
+
+    Runs the job's ``always`` steps (and ``onerror``, if its image was not finished),
+    with the connection of the operator's configuration -- never one taken from the
+    record: a record whose stored connection differs is refused (InvalidInput). The
+    configured retry policy applies, as in a create.
+    """
     store = JobStore(config.state_dir)
     record = store.get(job_uuid)
     params = record["params"]
@@ -249,18 +310,21 @@ def recover(config: Config, job_uuid: str, *, events: EventSink | None = None) -
             _mark_interrupted(record, " (before touching the VM)")
         store.save(record)
         return record
-    job_config = config.with_overrides(libvirt_uri=params.get("libvirt_uri"))
     with VmLock(config.state_dir, lock_key(params["backend"], vm_uuid)):
         record = store.get(job_uuid)  # re-read under the lock
-        if record["execution"] in ("queued", "running"):
-            _mark_interrupted(record)
-        engine = Engine(record, store, events=events)
-        backend = backend_class(params["backend"])(job_config, engine)
         if record.get("vm_restored"):
             record.setdefault("recovery", []).append({"at": now(), "result": "nothing to do: already restored"})
             store.save(record)
             return record
-        engine.run_onerror(backend.onerror())
+        request = CreateRequest.from_json(record["request"])
+        engine = Engine(record, store, events=events, retry=_retry(config), cancel=cancel)
+        backend = backend_class(request.backend)(config, engine, request)
+        with backend:
+            backend.check_recovery_target()
+            if record["execution"] in ("queued", "running"):
+                _mark_interrupted(record)
+            chain = backend.chain(_PLACEHOLDER)
+            engine.recover(chain, discard=not record.get("manifest"))
         record.setdefault("recovery", []).append({"at": now(), "result": "restored"})
         store.save(record)
         if params.get("image_uuid"):
