@@ -33,7 +33,7 @@ from pathlib import Path
 import paramiko
 
 from imgprep.config import SmartosHost
-from imgprep.errors import CommandError, InvalidInput, TransientError
+from imgprep.errors import Cancelled, CommandError, InvalidInput, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ class SshClient:
             channel.shutdown_write()
             while True:
                 if cancelled():
-                    raise InterruptedError("canceled")
+                    raise Cancelled(f"ssh {self.target}: {shlex.join(argv)}: canceled")
                 data = channel.recv(CHUNK)
                 while channel.recv_stderr_ready():
                     err += channel.recv_stderr(CHUNK)

@@ -212,6 +212,9 @@ class LibvirtBackend(Backend[LibvirtState]):
     def capture_steps(self) -> list[Step]:
         return self.capture.create_steps()
 
+    def release_steps(self) -> list[Step]:
+        return self.capture.always_steps()
+
     # --- libvirt plumbing -------------------------------------------------------
 
     def _connect(self) -> Any:

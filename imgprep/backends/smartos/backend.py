@@ -207,19 +207,23 @@ class SmartosBackend(Backend[SmartosState]):
         self._nodes.clear()
 
     def check_recovery_target(self) -> None:
-        if not self.state.node or not self.state.ssh:
-            return  # the VM was never located on a node: nothing to connect to
-        target = SshTarget.resolve(self.state.node, self.config.hosts)
+        if not self.state.ssh:
+            return  # the job never reached a node: nothing to connect to
+        name = self.state.node or self.request.host  # version-1 records name the node in the request only
+        if not name:
+            raise InvalidInput(f"job {self.record['uuid']} names no compute node to recover on")
+        target = SshTarget.resolve(name, self.config.hosts)
         configured = (target.host, target.port, target.user)
         stored = (self.state.ssh.get("host"), self.state.ssh.get("port"), self.state.ssh.get("user"))
         if configured != stored:
             raise InvalidInput(
-                f"job {self.record['uuid']} ran on {stored[2]}@{stored[0]}:{stored[1]} ({self.state.node}), but the "
-                f"configuration resolves {self.state.node} to {target}; recovery connects only as configured: "
-                "fix the hosts: entry, then run the recovery again",
+                f"job {self.record['uuid']} ran on {stored[2]}@{stored[0]}:{stored[1]} ({name}), but the "
+                f"configuration resolves {name} to {target.user}@{target.host}:{target.port}; recovery connects "
+                "only as configured: fix the hosts: entry, then run the recovery again",
                 code="RecoveryTargetMismatch",
             )
-        self._nodes[self.state.node] = Node(target, accept_new_host_key=False)
+        self.state.node = name
+        self._nodes[name] = Node(target, accept_new_host_key=False)
 
     def locate(self) -> str:
         """The VM's UUID: on the job's node, or the first configured node that has it."""
