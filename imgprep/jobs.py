@@ -6,7 +6,7 @@ import logging
 import os
 import uuid as uuidlib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from imgprep.artifacts import artifact
 from imgprep.backends.base import Backend, CreateRequest, Plan
@@ -282,7 +282,8 @@ _PLACEHOLDER = Plan("", "", running=False, learned={})
 def _mark_interrupted(record: Record, note: str = "") -> None:
     """A job its process left queued or running: failed. An error it already had (it
     died while rolling back) is the cause and stays; otherwise say where it stopped."""
-    last = record["chain_results"][-1]["name"] if record["chain_results"] else "start"
+    ran = record.get("always_results") or record.get("onerror_results") or record["chain_results"]
+    last = ran[-1]["name"] if ran else "start"
     record["execution"] = "failed"
     record["error"] = record.get("error") or {
         "code": "Interrupted",
@@ -328,11 +329,38 @@ def recover(
         record.setdefault("recovery", []).append({"at": now(), "result": "restored"})
         store.save(record)
         if params.get("image_uuid"):
-            try:
-                manifest, _, _ = store.get_image(params["image_uuid"])
-            except InvalidInput:
-                manifest = {"uuid": params["image_uuid"]}
-            if manifest.get("state") != "active":
-                manifest.update(state="failed", error=record.get("error"))
-                store.save_image(params["image_uuid"], job_uuid, "failed", manifest, None)
+            _settle_recovered_image(store, record)
     return record
+
+
+def _settle_recovered_image(store: JobStore, record: Record) -> None:
+    """After recovery: a finished image (the job died restoring the VM) is active, else failed."""
+    image_uuid = record["params"]["image_uuid"]
+    file_path = record["state"].get("file_path")
+    if record.get("manifest") and file_path and Path(file_path).exists():
+        store.save_image(image_uuid, record["uuid"], "active", record["manifest"], file_path)
+        return
+    try:
+        manifest, _, _ = store.get_image(image_uuid)
+    except InvalidInput:
+        manifest = {"uuid": image_uuid}
+    if manifest.get("state") != "active":
+        manifest.update(state="failed", error=record.get("error"))
+        store.save_image(image_uuid, record["uuid"], "failed", manifest, None)
+
+
+def chain_names(config: Config, backend: str = "libvirt") -> dict[str, list[str]]:
+    """The step names of a backend's chain -- ``create``, ``always``, ``onerror`` -- as every
+    job of it runs them (nothing is connected to)."""
+    request = CreateRequest(
+        vm="", image_uuid="", manifest={}, script=b"", script_name="", compression="none",
+        output_dir=Path(), backend=backend,
+    )  # fmt: skip
+    record = new_record(name="", params={}, chain=[], onerror=[], timeout=0)
+    engine = Engine(record, cast(JobStore, None))
+    chain = backend_class(backend)(config, engine, request).chain(_PLACEHOLDER)
+    return {
+        "create": [s.name for s in chain.create],
+        "always": [s.name for s in chain.always],
+        "onerror": [s.name for s in chain.onerror],
+    }
