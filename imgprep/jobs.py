@@ -98,8 +98,8 @@ def build_request(
         script_bytes, script_name = default.read_bytes(), default.name
     if mode not in ("early", "legacy"):
         problems.append(f"mode must be early or legacy, got {mode!r}")
-    if backend == "smartos" and not host and require_host:
-        problems.append("--host is required with --backend smartos")
+    if backend_cls is not None and backend_cls.needs_host and not host and require_host:
+        problems.append(f"--host is required with --backend {backend}")
     if image_uuid is not None:
         try:
             uuidlib.UUID(image_uuid)
@@ -162,7 +162,7 @@ class Job:
         t = config.timeouts
         self.record = new_record(
             name=f"create-from-vm-{request.vm}",
-            params=request.index() | {"libvirt_uri": config.libvirt_uri, "vm_uuid": None},
+            params=request.index() | {"vm_uuid": None},
             chain=[],
             onerror=[],
             timeout=t.stop + t.boot + t.prepare + t.shutdown,
@@ -170,6 +170,7 @@ class Job:
         self.record["request"] = request.to_json()
         self.engine = Engine(self.record, self.store, events=events, cancel=cancel, retry=retry or _retry(config))
         self.backend: Backend[Any] = backend_class(request.backend)(config, self.engine, request)
+        self.record["params"].update(self.backend.connection())  # shown, compared at recovery, never used
         self.plan: Plan | None = None
         self.record.update(self.backend.chain(_PLACEHOLDER).names())
 

@@ -139,6 +139,7 @@ class Backend(abc.ABC, Generic[S]):
     default_script: ClassVar[str]  # path under operator_scripts/
     default_compression: ClassVar[str] = "zstd"
     poll_interval: ClassVar[float] = 1.0
+    needs_host: ClassVar[bool] = False  # the request must name a host (--host)
     state_type: type[S]
 
     def __init__(self, config: Config, engine: Engine, request: CreateRequest) -> None:
@@ -175,6 +176,10 @@ class Backend(abc.ABC, Generic[S]):
     def locate(self) -> str:
         """The UUID of the request's VM (cheap: for the lock). Raises InvalidInput (VmNotFound)."""
         return self.validate().uuid
+
+    def connection(self) -> dict[str, Any]:
+        """What the job connects to, for the record (shown; compared at recovery; never used)."""
+        return {}
 
     def check_recovery_target(self) -> None:
         """Recovery: refuse a record whose connection differs from the configuration's.

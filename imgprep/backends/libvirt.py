@@ -199,6 +199,9 @@ class LibvirtBackend(Backend[LibvirtState]):
                 self._conn.close()
             self._conn = None
 
+    def connection(self) -> dict[str, Any]:
+        return {"libvirt_uri": self.config.libvirt_uri}
+
     def check_recovery_target(self) -> None:
         stored = self.record["params"].get("libvirt_uri")
         if stored and stored != self.config.libvirt_uri:

@@ -29,11 +29,12 @@ class Touched(AssertionError):
 
 
 class ForbiddenBackend:
-    """Looking the class up is fine (build_request reads ``default_script`` and ``default_compression``);
-    creating one means the CLI went past input validation."""
+    """Looking the class up is fine (build_request reads ``default_script``, ``default_compression``
+    and ``needs_host``); creating one means the CLI went past input validation."""
 
     default_script: ClassVar[str] = "operator_scripts/linux-prepare-image"
     default_compression: ClassVar[str] = "zstd"
+    needs_host: ClassVar[bool] = False
 
     def __init__(self, *_args: Any, **_kwargs: Any) -> None:
         raise Touched("a backend was instantiated for invalid input")

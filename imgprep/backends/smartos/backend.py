@@ -172,6 +172,7 @@ class SmartosBackend(Backend[SmartosState]):
     name = "smartos"
     default_script = "operator_scripts/smartos-prepare-image"
     default_compression = "gzip"  # what imgadm and IMGAPI read
+    needs_host = True  # the CLI names the node; the API searches its configured nodes
     state_type = SmartosState
 
     def __init__(self, config: Any, engine: Engine, request: Any) -> None:
