@@ -1,8 +1,9 @@
 """The command line: parse, call the library, map typed errors to exit codes.
 
 Exit codes: 0 succeeded; 1 failed and the VM was restored; 2 bad input, nothing
-touched; 3 failed and the VM could NOT be restored (the message says what to run);
-130 canceled by SIGINT/SIGTERM (the VM was restored).
+touched; 3 the VM could NOT be restored (a finished image is kept; the message says
+what to run); 130 canceled by SIGINT/SIGTERM (the VM was restored). A crash is one
+line; its traceback only with --debug.
 """
 
 from __future__ import annotations
