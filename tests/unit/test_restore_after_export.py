@@ -12,7 +12,9 @@ import pytest
 
 import imgprep.jobs
 from imgprep.cli import EXIT_OK, EXIT_UNRESTORED, main
-from imgprep.errors import ImgprepError
+from imgprep.config import Config
+from imgprep.errors import ImgprepError, RestoreFailed, TransientError
+from imgprep.jobs import recover
 from imgprep.jobstore import JobStore
 from tests.api.fakebackend import FakeBackend, add_vm, open_gate
 
@@ -69,3 +71,35 @@ def test_control_with_a_working_restore_the_job_succeeds(
     assert code == EXIT_OK, err
     assert summary["execution"] == "succeeded"
     assert Path(summary["file"]).exists()
+
+
+class FlakyRestore(FakeBackend):
+    """restore_disks fails once with a transient error, then works."""
+
+    calls = 0
+
+    def restore_disks(self) -> None:
+        type(self).calls += 1
+        if type(self).calls == 1:
+            raise TransientError("libvirtd restarted")
+        super().restore_disks()
+
+
+@pytest.mark.parametrize("attempts", [1, 2])
+def test_recover_honours_the_configured_retry_policy(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attempts: int
+) -> None:
+    code, summary, _ = create(tmp_path, RestoreFails, monkeypatch)
+    assert code == EXIT_UNRESTORED
+    FlakyRestore.calls = 0
+    monkeypatch.setattr(imgprep.jobs, "backend_class", lambda _name: FlakyRestore)
+    config = Config(state_dir=tmp_path / "state", retry_attempts=attempts, retry_max_seconds=30)
+    if attempts == 1:  # no retry allowed: the transient failure stays a failure
+        with pytest.raises(RestoreFailed):
+            recover(config, summary["job_uuid"])
+        assert FlakyRestore.calls == 1
+    else:
+        record = recover(config, summary["job_uuid"])
+        assert record["vm_restored"] is True
+        assert FlakyRestore.calls == 2
+        assert JobStore(tmp_path / "state").get_image(summary["image_uuid"])[0]["state"] == "active"
