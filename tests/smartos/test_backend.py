@@ -501,3 +501,15 @@ def test_a_v1_record_is_recovered_on_the_configured_node_only(sim: Node, port_ma
     assert recovered["error"]["code"] == "Interrupted"
     assert [r["name"] for r in recovered["always_results"]] == ["restore_disks", "delete_checkpoint", "restart_vm"]
     assert_restored(sim, uuid, before, running=True)
+
+
+def test_validation_runs_once_over_one_connection(sim: Node) -> None:
+    """Validation runs once, under the lock (the chain's validate step no longer repeats it):
+    one vmadm lookup, one imgadm get, one sysinfo."""
+    sim.zone(running=True)
+    code, _, err = sim.create("proto")  # by alias: a vmadm lookup
+    assert code == 0, err
+    commands = sim.node.commands
+    assert sum(c[:2] == ["imgadm", "get"] for c in commands) == 1
+    assert sum(c[:1] == ["sysinfo"] for c in commands) == 1
+    assert sum(c[:2] == ["vmadm", "lookup"] for c in commands) == 1
