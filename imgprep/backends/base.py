@@ -173,9 +173,9 @@ class Backend(abc.ABC, Generic[S]):
         except Exception:
             log.exception("closing the %s backend failed", self.name)
 
+    @abc.abstractmethod
     def locate(self) -> str:
         """The UUID of the request's VM (cheap: for the lock). Raises InvalidInput (VmNotFound)."""
-        return self.validate().uuid
 
     def connection(self) -> dict[str, Any]:
         """What the job connects to, for the record (shown; compared at recovery; never used)."""
