@@ -17,6 +17,7 @@ from imgprep.lock import VmLock, is_locked, lock_key
 from imgprep.manifest import validate_user_manifest
 from imgprep.workflow import (
     CancelToken,
+    Chain,
     Engine,
     EventSink,
     RetryPolicy,
@@ -172,7 +173,7 @@ class Job:
         self.backend: Backend[Any] = backend_class(request.backend)(config, self.engine, request)
         self.record["params"].update(self.backend.connection())  # shown, compared at recovery, never used
         self.plan: Plan | None = None
-        self.record.update(self.backend.chain(_PLACEHOLDER).names())
+        self.chain: Chain | None = None  # built once, from the plan
 
     @property
     def uuid(self) -> str:
@@ -215,6 +216,8 @@ class Job:
                     raise VmBusy(f"VM {vm} is locked by another running imgprep job ({other['uuid']})") from None
             raise
         self.plan = plan
+        self.chain = self.backend.chain(plan)
+        self.record.update(self.chain.names())
         self.backend.adopt(plan)
         self.record["params"]["vm_uuid"] = plan.uuid
         self.record["target"] = f"/vms/{plan.uuid}"
@@ -245,13 +248,12 @@ class Job:
         """Under the VM's lock: validate (unless done), run the chain, update the image."""
         try:
             with self._lock():
-                plan = self._validate()
+                self._validate()
+                assert self.chain is not None
                 self.check_no_unrecovered()
                 self.save_queued()
-                chain = self.backend.chain(plan)
-                self.record.update(chain.names())
                 try:
-                    self.engine.run(chain)
+                    self.engine.run(self.chain)
                 except RestoreFailed as exc:
                     if self.record.get("manifest") and self.record["state"].get("file_path"):
                         self._image_done()  # the image is complete: kept, only the VM is left to restore
@@ -276,7 +278,7 @@ class Job:
         self.store.save_image(self.request.image_uuid, self.uuid, "failed", manifest, None)
 
 
-# The chain's step names do not depend on the plan: Job lists them before validating.
+# Recovery and chain_names() need the steps, not a plan (the validate step is never run).
 _PLACEHOLDER = Plan("", "", running=False, learned={})
 
 
