@@ -200,21 +200,15 @@ class Job:
 
         Raises InvalidInput. ``run()`` executes this plan without validating again."""
         with self._lock():
+            self.check_no_unrecovered()
             return self._validate()
 
     def _validate(self) -> Plan:
+        """Under the VM's lock: no other live job runs on it, so a leftover checkpoint
+        the backend finds is an unrecovered job's (``check_no_unrecovered`` names it)."""
         if self.plan is not None:
             return self.plan
-        try:
-            plan = self.backend.validate()
-        except VmBusy:
-            # the checkpoint of a job that is still running looks like a leftover: say which
-            vm = self.request.vm
-            for other in self.store.list_jobs():
-                names = {other["params"].get("vm"), other["params"].get("vm_uuid"), other["state"].get("vm_name")}
-                if vm in names and job_is_running(self.config, other):
-                    raise VmBusy(f"VM {vm} is locked by another running imgprep job ({other['uuid']})") from None
-            raise
+        plan = self.backend.validate()
         self.plan = plan
         self.chain = self.backend.chain(plan)
         self.record.update(self.chain.names())
@@ -248,9 +242,9 @@ class Job:
         """Under the VM's lock: validate (unless done), run the chain, update the image."""
         try:
             with self._lock():
+                self.check_no_unrecovered()
                 self._validate()
                 assert self.chain is not None
-                self.check_no_unrecovered()
                 self.save_queued()
                 try:
                     self.engine.run(self.chain)
