@@ -1,8 +1,9 @@
 """The command line: parse, call the library, map typed errors to exit codes.
 
 Exit codes: 0 succeeded; 1 failed and the VM was restored; 2 bad input, nothing
-touched; 3 failed and the VM could NOT be restored (the message says what to run);
-130 canceled by SIGINT/SIGTERM (the VM was restored).
+touched; 3 the VM could NOT be restored (a finished image is kept; the message says
+what to run); 130 canceled by SIGINT/SIGTERM (the VM was restored). A crash is one
+line; its traceback only with --debug.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_sub.add_parser("get", help="print a job record as JSON").add_argument("job_uuid")
     rec = jobs_sub.add_parser("recover", help="finish the rollback of an interrupted or failed job")
     rec.add_argument("job_uuid")
+    rec.add_argument(
+        "--libvirt-uri", help="libvirt connection URI (default: the configuration's; never the job record's)"
+    )
     rec.add_argument("--json", action="store_true")
 
     serve = sub.add_parser("serve", help="IMGAPI-compatible HTTP job API")
@@ -140,7 +144,7 @@ class HumanEvents:
             if status == "started":
                 return
             extra = f" ({event['elapsed']:.1f}s)" if "elapsed" in event else ""
-            prefix = "rollback: " if event.get("chain") == "onerror_results" else ""
+            prefix = {"onerror_results": "rollback: ", "always_results": "restore: "}.get(event.get("chain", ""), "")
             line = f"{stamp} {prefix}{event['step']}: {status}{extra}"
             if status == "failed":
                 line += f": {clean(event['error']['message'])}"
@@ -235,22 +239,21 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         host=args.host,
         mode=args.mode,
         strict=args.strict,
+        accept_new_host_key=bool(args.accept_new_host_key),
     )
     cancel = CancelToken()
     events = JsonEvents(out) if args.json else HumanEvents(err)
     job = Job(config, request, events=events, cancel=cancel)
-    if args.backend == "smartos":
-        job.backend.accept_new_host_key = bool(args.accept_new_host_key)  # type: ignore[attr-defined]
-    job.validate()
     code = EXIT_OK
     with cancel_on_signals(cancel):
         try:
-            job.run()
+            job.run()  # locate, validate under the VM's lock (bad input: exit 2), run the chain
         except RestoreFailed as exc:
             err.write(f"imgprep: error: {clean(exc.message)}\n")
             code = EXIT_UNRESTORED
         except Cancelled as exc:
-            err.write(f"imgprep: {clean(exc.message)}; the VM was restored\n")
+            restored = "the VM was restored" if job.record.get("vm_touched") else "nothing was touched"
+            err.write(f"imgprep: {clean(exc.message)}; {restored}\n")
             code = EXIT_CANCELED
         except InvalidInput:
             if job.record.get("vm_touched"):
@@ -273,7 +276,7 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    config = load_effective_config(args.config)
+    config = load_effective_config(args.config).with_overrides(libvirt_uri=getattr(args, "libvirt_uri", None))
     store = JobStore(config.state_dir)
     if args.jobs_command == "get":
         record = store.get(args.job_uuid)
@@ -306,7 +309,9 @@ def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     f"{row['uuid']:36}  {clean(row['vm']):36}  {row['execution']:10}  {row['created_at']:24}  {note}\n"
                 )
         return EXIT_OK
-    record = recover(config, args.job_uuid)
+    cancel = CancelToken()
+    with cancel_on_signals(cancel):
+        record = recover(config, args.job_uuid, cancel=cancel)
     last = record.get("recovery", [{}])[-1].get("result")
     if args.json:
         out.write(json.dumps({"job_uuid": record["uuid"], "execution": record["execution"], "recovery": last}) + "\n")
@@ -354,6 +359,9 @@ def _main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     except RestoreFailed as exc:
         err.write(f"imgprep: error: {clean(exc.message)}\n")
         return EXIT_UNRESTORED
+    except Cancelled as exc:
+        err.write(f"imgprep: {clean(exc.message)}\n")
+        return EXIT_CANCELED
     except ImgprepError as exc:
         if debug:
             log.exception("failed")
@@ -362,6 +370,11 @@ def _main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     except KeyboardInterrupt:
         err.write("imgprep: interrupted\n")
         return EXIT_CANCELED
+    except Exception as exc:  # a bug: one line, the traceback only with --debug
+        if debug:
+            log.exception("crashed")
+        err.write(f"imgprep: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)\n")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
-from imgprep.errors import CommandError, ImgprepError
+from imgprep.errors import Cancelled, CommandError, ImgprepError
+from imgprep.run import Cancellable
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
@@ -201,11 +202,6 @@ class CompressingWriter:
             self._reader.join()
 
 
-class Cancellable(Protocol):
-    @property
-    def is_set(self) -> bool: ...
-
-
 def compress_file(
     source: Path,
     target: BinaryIO,
@@ -230,7 +226,7 @@ def compress_file(
                 done += len(chunk)
                 progress(done / total)
                 if cancel is not None and cancel.is_set:
-                    raise InterruptedError("export canceled")
+                    raise Cancelled("export canceled")
             return writer.finish()
         writer = CompressingWriter(target, compression, threads=threads, source=src)
         try:
@@ -240,7 +236,7 @@ def compress_file(
                 if position is not None:
                     progress(min(position / total, 1.0))
                 if cancel is not None and cancel.is_set:  # also when it has just finished
-                    raise InterruptedError("export canceled")
+                    raise Cancelled("export canceled")
                 if exited:
                     break
             return writer.finish()

@@ -84,3 +84,27 @@ class RestoreFailed(ImgprepError):
     """The VM could not be restored to its checkpoint. ``imgprep jobs recover`` can finish it."""
 
     code = "RestoreFailed"
+
+
+class ProgramMissing(ImgprepError):
+    """A program imgprep runs is not installed (not on PATH)."""
+
+    code = "ProgramMissing"
+
+
+class CommandTimeout(ImgprepError):
+    """A command did not finish within its time limit (it was killed)."""
+
+    code = "CommandTimeout"
+
+
+class CommandKilled(CommandError):
+    """A command was ended by a signal (not by imgprep's cancel)."""
+
+    code = "CommandKilled"
+
+    def __init__(self, cmd: Sequence[str], signum: int, stdout: str, stderr: str) -> None:
+        super().__init__(cmd, -signum, stdout, stderr)
+        self.signum = signum
+        self.message = f"{cmd[0]} was killed by signal {signum}"
+        self.args = (self.message,)

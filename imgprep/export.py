@@ -20,15 +20,12 @@ import hashlib
 import logging
 import os
 import re
-import shlex
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 from imgprep.compress import STREAM_COMPRESSIONS, CompressingWriter, compress_file
-from imgprep.errors import CommandError
 from imgprep.outputfiles import create_private, publish, workdir
+from imgprep.run import Cancellable, stream
 
 __all__ = ["STREAM_COMPRESSIONS", "CompressingWriter", "ExportResult", "export_disk", "output_name"]
 
@@ -57,11 +54,6 @@ class ExportResult:
         }
 
 
-class Cancellable(Protocol):
-    @property
-    def is_set(self) -> bool: ...
-
-
 def output_name(image_uuid: str, compression: str) -> str:
     return {
         "zstd": f"{image_uuid}.qcow2",
@@ -77,34 +69,19 @@ def _qemu_img_convert(
     cancel: Cancellable | None,
     share: float,
 ) -> None:
-    """Run ``qemu-img convert -p``, forwarding its percentage (scaled to ``share``)."""
-    # setpriv --pdeathsig: if imgprep is killed, qemu-img dies too instead of writing on
-    # into the output directory behind the back of `imgprep jobs recover`.
-    qemu_img = ["qemu-img", "convert", "-p", *args]
-    cmd = ["setpriv", "--pdeathsig", "KILL", "--", *qemu_img]
-    log.debug("run: %s", shlex.join(cmd))
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
+    """Run ``qemu-img convert -p``, forwarding its percentage (scaled to ``share``).
+
+    A cancel terminates it and raises Cancelled; it dies with imgprep (``stream``)."""
     buffer = b""
-    try:
-        while True:
-            data = proc.stdout.read1(256)  # type: ignore[attr-defined]
-            if not data:
-                break
-            buffer = (buffer + data)[-256:]
-            for match in _PROGRESS.finditer(buffer):
-                progress(float(match.group(1)) * share)
-            buffer = buffer[buffer.rfind(b"\r") + 1 :]
-            if cancel is not None and cancel.is_set:
-                proc.terminate()
-        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        code = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if code != 0:
-        raise CommandError(qemu_img, code, "", stderr)
+
+    def on_stdout(data: bytes) -> None:
+        nonlocal buffer
+        buffer = (buffer + data)[-256:]
+        for match in _PROGRESS.finditer(buffer):
+            progress(float(match.group(1)) * share)
+        buffer = buffer[buffer.rfind(b"\r") + 1 :]
+
+    stream(["qemu-img", "convert", "-p", *args], on_stdout, cancel=cancel)
 
 
 def _hash_file(path: Path) -> tuple[str, str]:

@@ -6,12 +6,12 @@ import logging
 import os
 import uuid as uuidlib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from imgprep.artifacts import artifact
-from imgprep.backends.base import Backend, CreateRequest
+from imgprep.backends.base import Backend, CreateRequest, Plan
 from imgprep.config import COMPRESSIONS, Config
-from imgprep.errors import ImgprepError, InvalidInput, VmBusy
+from imgprep.errors import ImgprepError, InvalidInput, RestoreFailed, VmBusy
 from imgprep.jobstore import JobStore, Record
 from imgprep.lock import VmLock, is_locked, lock_key
 from imgprep.manifest import validate_user_manifest
@@ -19,6 +19,7 @@ from imgprep.outputfiles import output_dir_problem
 from imgprep.uuids import is_canonical
 from imgprep.workflow import (
     CancelToken,
+    Chain,
     Engine,
     EventSink,
     RetryPolicy,
@@ -30,7 +31,7 @@ from imgprep.workflow import (
 log = logging.getLogger(__name__)
 
 
-def backend_class(name: str) -> type[Backend]:
+def backend_class(name: str) -> type[Backend[Any]]:
     if name == "libvirt":
         from imgprep.backends.libvirt import LibvirtBackend
 
@@ -57,6 +58,8 @@ def build_request(
     mode: str = "early",
     image_uuid: str | None = None,
     strict: bool | None = None,
+    accept_new_host_key: bool = False,
+    require_host: bool = True,
 ) -> CreateRequest:
     """Check every user input that does not need the hypervisor; report all problems."""
     problems: list[str] = []
@@ -101,8 +104,8 @@ def build_request(
         script_bytes, script_name = default.read_bytes(), default.name
     if mode not in ("early", "legacy"):
         problems.append(f"mode must be early or legacy, got {mode!r}")
-    if backend == "smartos" and not host:
-        problems.append("--host is required with --backend smartos")
+    if backend_cls is not None and backend_cls.needs_host and not host and require_host:
+        problems.append(f"--host is required with --backend {backend}")
     if image_uuid is not None and not is_canonical(image_uuid):
         problems.append(f"image uuid {image_uuid!r} is not a UUID in canonical lowercase form")
     if problems:
@@ -120,6 +123,7 @@ def build_request(
         mode=mode,
         script_is_default=script_path is None,
         strict=config.strict if strict is None else strict,
+        accept_new_host_key=accept_new_host_key,
     )
 
 
@@ -135,8 +139,16 @@ def job_needs_recovery(config: Config, record: Record) -> bool:
     return needs_recovery(record, running=job_is_running(config, record))
 
 
+def _retry(config: Config) -> RetryPolicy:
+    return RetryPolicy(config.retry_attempts, config.retry_max_seconds)
+
+
 class Job:
-    """One create job: validated, then run under the VM's lock."""
+    """One create job: located, validated once (under the VM's lock), then run under it.
+
+    The job owns its backend's lifecycle: ``close()`` (or the end of ``run()``) lets go
+    of every connection the backend holds.
+    """
 
     def __init__(
         self,
@@ -151,40 +163,62 @@ class Job:
         self.config = config
         self.request = request
         self.store = store or JobStore(config.state_dir)
-        params = request.params() | {"libvirt_uri": config.libvirt_uri}
-        self.record = new_record(name=f"create-from-vm-{request.vm}", params=params, chain=[], onerror=[], timeout=0)
-        self.engine = Engine(
-            self.record,
-            self.store,
-            events=events,
-            cancel=cancel,
-            retry=retry or RetryPolicy(config.retry_attempts, config.retry_max_seconds),
-        )
-        self.backend = backend_class(request.backend)(config, self.engine)
-        self.record["chain"] = [{"name": s.name} for s in self.backend.chain(request)]
-        self.record["onerror"] = [{"name": s.name} for s in self.backend.onerror()]
         t = config.timeouts
-        self.record["timeout"] = t.stop + t.boot + t.prepare + t.shutdown
+        self.record = new_record(
+            name=f"create-from-vm-{request.vm}",
+            params=request.index() | {"vm_uuid": None},
+            chain=[],
+            onerror=[],
+            timeout=t.stop + t.boot + t.prepare + t.shutdown,
+        )
+        self.record["request"] = request.to_json()
+        self.engine = Engine(self.record, self.store, events=events, cancel=cancel, retry=retry or _retry(config))
+        self.backend: Backend[Any] = backend_class(request.backend)(config, self.engine, request)
+        self.record["params"].update(self.backend.connection())  # shown, compared at recovery, never used
+        self.plan: Plan | None = None
+        self.chain: Chain | None = None  # built once, from the plan
 
     @property
     def uuid(self) -> str:
         return str(self.record["uuid"])
 
-    def validate(self) -> None:
-        """Check the VM (nothing touched). Raises InvalidInput."""
-        try:
-            facts = self.backend.validate()
-        except VmBusy:
-            # the checkpoint of a job that is still running looks like a leftover: say which
-            vm = self.request.vm
-            for other in self.store.list_jobs():
-                names = {other["params"].get("vm"), other["params"].get("vm_uuid"), other["state"].get("vm_name")}
-                if vm in names and job_is_running(self.config, other):
-                    raise VmBusy(f"VM {vm} is locked by another running imgprep job ({other['uuid']})") from None
-            raise
-        self.record["params"]["vm_uuid"] = facts.uuid
-        self.record["state"].update(vm_uuid=facts.uuid, vm_name=facts.name, learned=facts.learned)
-        self.record["target"] = f"/vms/{facts.uuid}"
+    def close(self) -> None:
+        self.backend.__exit__(None, None, None)
+
+    def locate(self) -> str:
+        """Find the VM (nothing touched); its UUID. Raises InvalidInput."""
+        vm_uuid = self.record["params"].get("vm_uuid")
+        if not vm_uuid:
+            self.backend.open()
+            vm_uuid = self.backend.locate()
+            self.record["params"]["vm_uuid"] = vm_uuid
+            self.record["target"] = f"/vms/{vm_uuid}"
+        return str(vm_uuid)
+
+    def _lock(self) -> VmLock:
+        return VmLock(self.config.state_dir, lock_key(self.request.backend, self.locate()))
+
+    def validate(self) -> Plan:
+        """Locate the VM and check everything under its lock (nothing touched): the plan.
+
+        Raises InvalidInput. ``run()`` executes this plan without validating again."""
+        with self._lock():
+            self.check_no_unrecovered()
+            return self._validate()
+
+    def _validate(self) -> Plan:
+        """Under the VM's lock: no other live job runs on it, so a leftover checkpoint
+        the backend finds is an unrecovered job's (``check_no_unrecovered`` names it)."""
+        if self.plan is not None:
+            return self.plan
+        plan = self.backend.validate()
+        self.plan = plan
+        self.chain = self.backend.chain(plan)
+        self.record.update(self.chain.names())
+        self.backend.adopt(plan)
+        self.record["params"]["vm_uuid"] = plan.uuid
+        self.record["target"] = f"/vms/{plan.uuid}"
+        return plan
 
     def check_no_unrecovered(self) -> None:
         vm_uuid = self.record["params"]["vm_uuid"]
@@ -196,7 +230,7 @@ class Job:
                 )
 
     def save_queued(self) -> None:
-        self.store.save(self.record)
+        self.engine.save()
         self.store.save_image(self.request.image_uuid, self.uuid, "creating", self._pending_manifest(), None)
 
     def _pending_manifest(self) -> dict[str, Any]:
@@ -208,31 +242,48 @@ class Job:
         }
 
     def run(self) -> Record:
-        """Take the VM's lock, run the chain (rollback on failure), update the image."""
-        vm_uuid = self.record["params"]["vm_uuid"]
-        with VmLock(self.config.state_dir, lock_key(self.request.backend, vm_uuid)):
-            self.check_no_unrecovered()
-            self.save_queued()
-            try:
-                self.engine.run(self.backend.chain(self.request), self.backend.onerror())
-            except ImgprepError as exc:
-                manifest = self._pending_manifest() | {"state": "failed", "error": exc.as_dict()}
-                self.store.save_image(self.request.image_uuid, self.uuid, "failed", manifest, None)
-                raise
-            self.store.save_image(
-                self.request.image_uuid,
-                self.uuid,
-                "active",
-                self.record["manifest"],
-                self.record["state"]["file_path"],
-            )
+        """Under the VM's lock: validate (unless done), run the chain, update the image."""
+        try:
+            with self._lock():
+                self.check_no_unrecovered()
+                self._validate()
+                assert self.chain is not None
+                self.save_queued()
+                try:
+                    self.engine.run(self.chain)
+                except RestoreFailed as exc:
+                    if self.record.get("manifest") and self.record["state"].get("file_path"):
+                        self._image_done()  # the image is complete: kept, only the VM is left to restore
+                    else:
+                        self._image_failed(exc)
+                    raise
+                except ImgprepError as exc:
+                    self._image_failed(exc)
+                    raise
+                self._image_done()
+        finally:
+            self.close()
         return self.record
+
+    def _image_done(self) -> None:
+        self.store.save_image(
+            self.request.image_uuid, self.uuid, "active", self.record["manifest"], self.record["state"]["file_path"]
+        )
+
+    def _image_failed(self, exc: ImgprepError) -> None:
+        manifest = self._pending_manifest() | {"state": "failed", "error": exc.as_dict()}
+        self.store.save_image(self.request.image_uuid, self.uuid, "failed", manifest, None)
+
+
+# Recovery and chain_names() need the steps, not a plan (the validate step is never run).
+_PLACEHOLDER = Plan("", "", running=False, learned={})
 
 
 def _mark_interrupted(record: Record, note: str = "") -> None:
     """A job its process left queued or running: failed. An error it already had (it
     died while rolling back) is the cause and stays; otherwise say where it stopped."""
-    last = record["chain_results"][-1]["name"] if record["chain_results"] else "start"
+    ran = record.get("always_results") or record.get("onerror_results") or record["chain_results"]
+    last = ran[-1]["name"] if ran else "start"
     record["execution"] = "failed"
     record["error"] = record.get("error") or {
         "code": "Interrupted",
@@ -240,8 +291,16 @@ def _mark_interrupted(record: Record, note: str = "") -> None:
     }
 
 
-def recover(config: Config, job_uuid: str, *, events: EventSink | None = None) -> Record:
-    """Finish the rollback of an interrupted or failed job. Idempotent."""
+def recover(
+    config: Config, job_uuid: str, *, events: EventSink | None = None, cancel: CancelToken | None = None
+) -> Record:
+    """Finish the rollback of an interrupted or failed job. Idempotent.
+
+    Runs the job's ``always`` steps (and ``onerror``, if its image was not finished),
+    with the connection of the operator's configuration -- never one taken from the
+    record: a record whose stored connection differs is refused (InvalidInput). The
+    configured retry policy applies, as in a create.
+    """
     store = JobStore(config.state_dir)
     record = store.get(job_uuid)
     params = record["params"]
@@ -252,26 +311,56 @@ def recover(config: Config, job_uuid: str, *, events: EventSink | None = None) -
             _mark_interrupted(record, " (before touching the VM)")
         store.save(record)
         return record
-    job_config = config.with_overrides(libvirt_uri=params.get("libvirt_uri"))
     with VmLock(config.state_dir, lock_key(params["backend"], vm_uuid)):
         record = store.get(job_uuid)  # re-read under the lock
-        if record["execution"] in ("queued", "running"):
-            _mark_interrupted(record)
-        engine = Engine(record, store, events=events)
-        backend = backend_class(params["backend"])(job_config, engine)
         if record.get("vm_restored"):
             record.setdefault("recovery", []).append({"at": now(), "result": "nothing to do: already restored"})
             store.save(record)
             return record
-        engine.run_onerror(backend.onerror())
+        request = CreateRequest.from_json(record["request"])
+        engine = Engine(record, store, events=events, retry=_retry(config), cancel=cancel)
+        backend = backend_class(request.backend)(config, engine, request)
+        with backend:
+            backend.check_recovery_target()
+            if record["execution"] in ("queued", "running"):
+                _mark_interrupted(record)
+            chain = backend.chain(_PLACEHOLDER)
+            engine.recover(chain, discard=not record.get("manifest"))
         record.setdefault("recovery", []).append({"at": now(), "result": "restored"})
         store.save(record)
         if params.get("image_uuid"):
-            try:
-                manifest, _, _ = store.get_image(params["image_uuid"])
-            except InvalidInput:
-                manifest = {"uuid": params["image_uuid"]}
-            if manifest.get("state") != "active":
-                manifest.update(state="failed", error=record.get("error"))
-                store.save_image(params["image_uuid"], job_uuid, "failed", manifest, None)
+            _settle_recovered_image(store, record)
     return record
+
+
+def _settle_recovered_image(store: JobStore, record: Record) -> None:
+    """After recovery: a finished image (the job died restoring the VM) is active, else failed."""
+    image_uuid = record["params"]["image_uuid"]
+    file_path = record["state"].get("file_path")
+    if record.get("manifest") and file_path and Path(file_path).exists():
+        store.save_image(image_uuid, record["uuid"], "active", record["manifest"], file_path)
+        return
+    try:
+        manifest, _, _ = store.get_image(image_uuid)
+    except InvalidInput:
+        manifest = {"uuid": image_uuid}
+    if manifest.get("state") != "active":
+        manifest.update(state="failed", error=record.get("error"))
+        store.save_image(image_uuid, record["uuid"], "failed", manifest, None)
+
+
+def chain_names(config: Config, backend: str = "libvirt") -> dict[str, list[str]]:
+    """The step names of a backend's chain -- ``create``, ``always``, ``onerror`` -- as every
+    job of it runs them (nothing is connected to)."""
+    request = CreateRequest(
+        vm="", image_uuid="", manifest={}, script=b"", script_name="", compression="none",
+        output_dir=Path(), backend=backend,
+    )  # fmt: skip
+    record = new_record(name="", params={}, chain=[], onerror=[], timeout=0)
+    engine = Engine(record, cast(JobStore, None))
+    chain = backend_class(backend)(config, engine, request).chain(_PLACEHOLDER)
+    return {
+        "create": [s.name for s in chain.create],
+        "always": [s.name for s in chain.always],
+        "onerror": [s.name for s in chain.onerror],
+    }

@@ -17,7 +17,9 @@ from typing import Any
 from imgprep import statedir
 from imgprep.errors import InvalidInput
 
-RECORD_VERSION = 1
+# 2: the request stored whole (``request``), the chain in three parts (``always``,
+# ``always_results``). Version-1 records are read (``upgrade``) and recovered.
+RECORD_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -40,6 +42,25 @@ CREATE TABLE IF NOT EXISTS images (
 """
 
 Record = dict[str, Any]
+
+
+def upgrade(record: Record) -> Record:
+    """A stored record in the current shape; refuses one newer than this imgprep."""
+    version = record.get("v", 1)
+    if not isinstance(version, int) or version > RECORD_VERSION:
+        raise InvalidInput(
+            f"job {record.get('uuid')}: record version {version!r} is newer than this imgprep reads "
+            f"({RECORD_VERSION}); use the imgprep that wrote it",
+            code="RecordVersion",
+        )
+    if version == 1:
+        params = record.get("params", {})
+        # v1 kept neither the script (it is not needed after inject) nor the host-key choice
+        record["request"] = {**params, "script": "", "script_is_default": False, "accept_new_host_key": False}
+        for key in ("always", "always_results"):
+            record.setdefault(key, [])
+        record["v"] = RECORD_VERSION
+    return record
 
 
 class JobStore:
@@ -101,8 +122,7 @@ class JobStore:
             row = db.execute("SELECT record FROM jobs WHERE uuid = ?", (job_uuid,)).fetchone()
         if row is None:
             raise InvalidInput(f"no job {job_uuid}", code="ResourceNotFound")
-        record: Record = json.loads(row[0])
-        return record
+        return upgrade(json.loads(row[0]))
 
     def list_jobs(self, vm_uuid: str | None = None) -> list[Record]:
         query = "SELECT record FROM jobs"
@@ -112,7 +132,7 @@ class JobStore:
             args = (vm_uuid,)
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY created_at", args).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [upgrade(json.loads(r[0])) for r in rows]
 
     # --- images -----------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import paramiko
 
 from imgprep.config import SmartosHost
-from imgprep.errors import CommandError, InvalidInput, TransientError
+from imgprep.errors import Cancelled, CommandError, InvalidInput, TransientError
 from imgprep.ssh_config import Hop, plan_route
 
 log = logging.getLogger(__name__)
@@ -375,7 +375,7 @@ class SshClient:
             channel.shutdown_write()
             while True:
                 if cancelled():
-                    raise InterruptedError("canceled")
+                    raise Cancelled(f"ssh {self.target}: {shlex.join(argv)}: canceled")
                 data = channel.recv(CHUNK)
                 while channel.recv_stderr_ready():
                     err += channel.recv_stderr(CHUNK)

@@ -71,7 +71,7 @@ def from_imgprep(exc: ImgprepError) -> ApiError:
         if exc.code == "VmNotFound":
             # IMGAPI answers an unknown vm_uuid with InvalidParameter on that field
             return invalid_parameter("vm_uuid", exc.message)
-        if exc.code == "LibvirtUnreachable":
+        if exc.code in ("LibvirtUnreachable", "NodesUnreachable"):
             return ApiError(503, "ServiceUnavailableError", exc.message)
         if exc.code == "ResourceNotFound":
             return not_found(exc.message)

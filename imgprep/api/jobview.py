@@ -49,7 +49,9 @@ def public(record: Record) -> dict[str, Any]:
         "params": {"image_uuid": params.get("image_uuid"), "vm_uuid": params.get("vm_uuid")},
         "chain": [{"name": s.get("name")} for s in record.get("chain", []) if isinstance(s, dict)],
         "onerror": [{"name": s.get("name")} for s in record.get("onerror", []) if isinstance(s, dict)],
+        "always": [{"name": s.get("name")} for s in record.get("always", []) if isinstance(s, dict)],
         "chain_results": _results(record.get("chain_results")),
         "onerror_results": _results(record.get("onerror_results")),
+        "always_results": _results(record.get("always_results")),
         "error": _error(record.get("error")),
     }

@@ -49,16 +49,6 @@ class LogEvents:
             log.info("job %s: guest %s", event.get("job_uuid"), event.get("state"))
 
 
-def close_backend(job: Job) -> None:
-    """Let go of the job's connection to its hypervisor, if the backend keeps one (SmartOS: SSH)."""
-    close = getattr(job.backend, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:
-            log.exception("job %s: closing its backend failed", job.uuid)
-
-
 def settle_image(store: JobStore, record: Record) -> None:
     """Make a finished job's image agree with the job (it may still say ``creating``)."""
     image_uuid = record["params"].get("image_uuid")
@@ -195,7 +185,7 @@ class JobQueue:
                 # refused before its first step (e.g. another process took the VM's lock)
                 fail_unstarted(self.store, job.record, refusal or {"code": "InternalError", "message": "not run"})
             settle_image(self.store, job.record)
-            close_backend(job)
+            job.close()
             with self._lock:
                 self._by_vm.pop(vm_uuid, None)
         if job.record["execution"] == "succeeded" and self.on_success is not None:
@@ -241,7 +231,7 @@ class JobQueue:
                     "message": f"imgprep serve stopped ({reason}) before the job started; create the image again",
                 }
                 fail_unstarted(self.store, entry.job.record, error)
-                close_backend(entry.job)
+                entry.job.close()
                 with self._lock:
                     self._by_vm.pop(vm_uuid, None)
             else:

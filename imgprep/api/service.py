@@ -3,9 +3,9 @@
 Every method is synchronous (SQLite, libvirt, SSH); the routes call them in a worker thread.
 
 The backend of a create is the server's (``serve.backend``): IMGAPI clients cannot say
-which. With ``smartos``, the VM is looked for on the configured compute nodes
-(``serve.hosts``, else every entry of ``hosts:``), in order, with the backend's own
-validation: the first node that has the VM gets the job (docs/api.md).
+which. With ``smartos``, the backend's ``locate`` looks for the VM on the configured
+compute nodes (``serve.hosts``, else every entry of ``hosts:``), in order: the first
+node that has the VM gets the job (docs/api.md).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any
 from imgprep.api import jobview
 from imgprep.api.errors import ApiError, invalid_parameter, not_found
 from imgprep.api.files import ContentMd5Cache, confined
-from imgprep.api.queue import JobQueue, LogEvents, close_backend
-from imgprep.backends.base import CreateRequest
+from imgprep.api.queue import JobQueue, LogEvents
 from imgprep.config import Config
 from imgprep.errors import InvalidInput
 from imgprep.jobs import Job, build_request, job_is_running
@@ -32,8 +31,6 @@ IMAGE_STATES = ("active", "creating", "failed", "disabled", "unactivated", "all"
 EXECUTIONS = ("queued", "running", "succeeded", "failed", "canceled")
 TASKS = ("create-from-vm", "import-remote-image")
 MAX_LIMIT = 1000
-# A compute node that could not be asked at all (not a problem of the VM): the next one is tried.
-NODE_ERRORS = frozenset({"NodeUnreachable", "HostKeyUnknown", "HostKeyChanged", "HostKeyRefused", "SshAuthFailed"})
 
 
 def compute_nodes(config: Config) -> tuple[str, ...]:
@@ -98,64 +95,23 @@ class Service:
         """
         self.queue.refuse_if_busy(vm_uuid)
         backend = self.config.serve.backend
-        nodes: tuple[str, ...] = ()
         if backend == "smartos":
             nodes = compute_nodes(self.config)
-            if host is not None:
-                if host not in nodes:
-                    raise invalid_parameter("host", f"host {host!r} is not one of this server's compute nodes")
-                nodes = (host,)
+            if host is not None and host not in nodes:
+                raise invalid_parameter("host", f"host {host!r} is not one of this server's compute nodes")
         elif host is not None:
             raise invalid_parameter("host", f"this server's backend is {backend}; 'host' applies to smartos only")
-        request = build_request(
-            self.config,
-            vm=vm_uuid,
-            manifest=manifest,
-            output_dir=self.image_dir,
-            backend=backend,
-            host=nodes[0] if nodes else None,
-        )
-        job = self._find_vm(request, nodes) if nodes else self._validated(request)
-        try:
-            self.queue.submit(job)
-        except BaseException:
-            close_backend(job)
-            raise
-        return job.record
-
-    def _validated(self, request: CreateRequest) -> Job:
+        # no host: the backend looks for the VM on the configured compute nodes (locate)
+        request = build_request(self.config, vm=vm_uuid, manifest=manifest, output_dir=self.image_dir, backend=backend,
+                                host=host, require_host=False)  # fmt: skip
         job = Job(self.config, request, store=self.store, events=LogEvents())
         try:
             job.validate()
+            self.queue.submit(job)
         except BaseException:
-            close_backend(job)
+            job.close()
             raise
-        return job
-
-    def _find_vm(self, request: CreateRequest, nodes: tuple[str, ...]) -> Job:
-        """The job on the first node that has the VM (validated there); VmNotFound if none has it."""
-        unasked: list[str] = []
-        for node in nodes:
-            try:
-                job = self._validated(dataclasses.replace(request, host=node))
-            except InvalidInput as exc:
-                if exc.code == "VmNotFound":
-                    continue
-                if exc.code in NODE_ERRORS:
-                    log.warning("compute node %s: %s", node, exc.message)
-                    unasked.append(node)
-                    continue
-                raise
-            log.info("VM %s is on compute node %s", request.vm, node)
-            return job
-        if unasked:
-            raise ApiError(
-                503,
-                "ServiceUnavailableError",
-                f"VM {request.vm} is not on the reachable compute nodes; could not ask {', '.join(unasked)} "
-                "(see the server log)",
-            )
-        raise InvalidInput(f"no VM {request.vm} on the compute nodes {', '.join(nodes)}", code="VmNotFound")
+        return job.record
 
     def precompute_md5(self, record: Record) -> None:
         """After a success: compute the Content-MD5 now, not during the first download."""

@@ -1,22 +1,30 @@
 """The backend template: the fixed create-image chain, with backend-specific hooks.
 
-The whole chain, and its rollback chain, on one screen (``Backend.chain`` and
-``Backend.onerror``). Shared bookkeeping -- the per-stage guest wait, events, the
-persisted state -- lives here; only what differs between hypervisors lives in the
-subclasses. Every onerror step is idempotent, because ``imgprep jobs recover`` runs
-the same steps again after a crash.
+The whole chain on one screen (``Backend.chain``): the **create** steps, the
+**always** steps (restore the VM: a ``finally``, after success and failure, and in
+``imgprep jobs recover``) and **onerror** (discard the output, only when the create
+steps did not all succeed). Shared bookkeeping -- the per-stage guest wait, events,
+the typed persisted state -- lives here; only what differs between hypervisors lives
+in the subclasses. Every always and onerror step is idempotent.
+
+The lifecycle of a backend: ``with backend:`` (``open()``/``close()``) around its use;
+``locate()`` finds the VM (its UUID, for the lock); ``validate()`` checks everything
+without touching the VM and returns the ``Plan`` the chain executes.
 """
 
 from __future__ import annotations
 
 import abc
+import base64
 import dataclasses
 import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from types import TracebackType
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from imgprep import limits
 from imgprep.channel import GuestStatus
@@ -26,14 +34,14 @@ from imgprep.export import ExportResult
 from imgprep.manifest import build_manifest, default_version, rfc3339
 from imgprep.outputfiles import remove_workdirs, write_file
 from imgprep.sanitize import clean
-from imgprep.workflow import Engine, Step
+from imgprep.workflow import Chain, Engine, Step
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class CreateRequest:
-    """Everything a create job needs, validated at the edge."""
+    """Everything a create job needs, validated at the edge; stored whole in the job record."""
 
     vm: str
     image_uuid: str
@@ -47,8 +55,30 @@ class CreateRequest:
     mode: str = "early"  # "legacy" = the classic late placement (benchmarks only)
     script_is_default: bool = False  # no script given: the backend may pick another default per guest
     strict: bool = False  # an export over IMGAPI's limits fails the job (else: a warning)
+    accept_new_host_key: bool = False  # smartos: trust (and record) an unknown host key
 
-    def params(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["script"] = base64.b64encode(self.script).decode()
+        data["output_dir"] = str(self.output_dir)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CreateRequest:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["script"] = base64.b64decode(values.get("script", ""))
+        values["output_dir"] = Path(values["output_dir"])
+        values.setdefault("script_name", "")
+        return cls(**values)
+
+    @classmethod
+    def from_v1_params(cls, params: Mapping[str, Any]) -> CreateRequest:
+        """The request of a version-1 record (its ``params``; the script was not kept)."""
+        return cls.from_json({**params, "script": ""})
+
+    def index(self) -> dict[str, Any]:
+        """The record's ``params``: what listings and the API show (never read back by a backend)."""
         return {
             "vm": self.vm,
             "image_uuid": self.image_uuid,
@@ -65,40 +95,107 @@ class CreateRequest:
 
 @dataclasses.dataclass(frozen=True)
 class VmFacts:
+    """What validation found: the plan the chain executes (nothing touched yet)."""
+
     uuid: str
     name: str
     running: bool
     learned: dict[str, Any]  # manifest fields learned from the VM
 
 
-class Backend(abc.ABC):
+Plan = VmFacts
+
+
+@dataclasses.dataclass
+class JobState:
+    """What a job did so far, persisted as the record's ``state`` (its undo depends on
+    it). Each backend extends it with its own fields; ``from_json`` reads version-1
+    records, whose keys are the same."""
+
+    vm_uuid: str = ""
+    vm_name: str = ""
+    learned: dict[str, Any] = dataclasses.field(default_factory=dict)
+    was_running: bool | None = None
+    prepare_boot: bool = False
+    export: dict[str, Any] | None = None
+    export_seconds: float | None = None
+    manifest_path: str | None = None
+    file_path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            log.debug("job state: ignoring unknown keys %s", ", ".join(unknown))
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+S = TypeVar("S", bound=JobState)
+
+
+class Backend(abc.ABC, Generic[S]):
     """Template for a hypervisor backend. Subclasses implement the hooks below."""
 
     name: ClassVar[str]
     default_script: ClassVar[str]  # path under operator_scripts/
     default_compression: ClassVar[str] = "zstd"
     poll_interval: ClassVar[float] = 1.0
+    needs_host: ClassVar[bool] = False  # the request must name a host (--host)
+    state_type: type[S]
 
-    def __init__(self, config: Config, engine: Engine) -> None:
+    def __init__(self, config: Config, engine: Engine, request: CreateRequest) -> None:
         self.config = config
         self.engine = engine
+        self.request = request
         self.status = GuestStatus()
+        self.state: S = self.state_type.from_json(engine.record.get("state") or {})
+        engine.before_save = self._store_state
+
+    def _store_state(self) -> None:
+        self.engine.record["state"] = self.state.to_json()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect to the hypervisor (idempotent). Backends that keep a connection override it."""
+
+    def close(self) -> None:
+        """Let go of every connection (idempotent)."""
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.close()
+        except Exception:
+            log.exception("closing the %s backend failed", self.name)
+
+    @abc.abstractmethod
+    def locate(self) -> str:
+        """The UUID of the request's VM (cheap: for the lock). Raises InvalidInput (VmNotFound)."""
+
+    def connection(self) -> dict[str, Any]:
+        """What the job connects to, for the record (shown; compared at recovery; never used)."""
+        return {}
+
+    def check_recovery_target(self) -> None:
+        """Recovery: refuse a record whose connection differs from the configuration's.
+
+        Recovery never connects anywhere (nor runs anything) taken from a job record."""
 
     # --- shared bookkeeping ------------------------------------------------------
 
     @property
     def record(self) -> dict[str, Any]:
         return self.engine.record
-
-    @property
-    def state(self) -> dict[str, Any]:
-        state: dict[str, Any] = self.engine.record["state"]
-        return state
-
-    @property
-    def params(self) -> dict[str, Any]:
-        params: dict[str, Any] = self.engine.record["params"]
-        return params
 
     def persist(self) -> None:
         """Save the record now: call *before* an action whose undo needs to know it."""
@@ -114,42 +211,48 @@ class Backend(abc.ABC):
 
     # --- the chain ------------------------------------------------------------------
 
-    def chain(self, request: CreateRequest) -> list[Step]:
+    def chain(self, plan: Plan) -> Chain:
+        """The job, on one screen. The capture steps (how the VM's disks are held still
+        and how they are given back) are the backend's: ``capture_steps``/``release_steps``."""
+        return Chain(
+            create=[
+                Step("validate", lambda: self.adopt(plan)),
+                *self.capture_steps(),  # e.g. stop_vm, checkpoint
+                Step("inject", self.inject),
+                Step("boot_prepare", self.boot_prepare),
+                Step("wait_running", self.wait_running),
+                Step("wait_result", self.wait_result),
+                Step("wait_shutoff", self.wait_shutoff),
+                Step("export", self._export_step),
+                Step("write_manifest", self.write_manifest),
+            ],
+            always=self.release_steps(),  # e.g. restore_disks, delete_checkpoint, restart_vm
+            onerror=[Step("discard_output", self.discard_output)],
+        )
+
+    def capture_steps(self) -> list[Step]:
+        """The create steps that take hold of the VM's disks (in place: stop it, checkpoint)."""
+        return [Step("stop_vm", self.stop_vm), Step("checkpoint", self.checkpoint)]
+
+    def release_steps(self) -> list[Step]:
+        """The always steps that give the VM back as it was."""
         return [
-            Step("validate", self._validate_step),
-            Step("stop_vm", self.stop_vm),
-            Step("checkpoint", self.checkpoint),
-            Step("inject", lambda: self.inject(request)),
-            Step("boot_prepare", self.boot_prepare),
-            Step("wait_running", self.wait_running),
-            Step("wait_result", self.wait_result),
-            Step("wait_shutoff", self.wait_shutoff),
-            Step("export", self._export_step),
-            Step("write_manifest", self.write_manifest),
             Step("restore_disks", self.restore_disks),
             Step("delete_checkpoint", self.delete_checkpoint),
             Step("restart_vm", self.restart_vm),
         ]
 
-    def onerror(self) -> list[Step]:
-        return [
-            Step("discard_output", self.discard_output),
-            Step("restore_disks", self.restore_disks),
-            Step("delete_checkpoint", self.delete_checkpoint),
-            Step("restart_vm", self.restart_vm),
-        ]
-
-    def _validate_step(self) -> None:
-        facts = self.validate()
-        self.state.setdefault("vm_uuid", facts.uuid)
-        self.state.setdefault("vm_name", facts.name)
-        self.state.setdefault("learned", facts.learned)
+    def adopt(self, plan: Plan) -> None:
+        """The validate step: record the plan made (under the lock) before the chain started."""
+        self.state.vm_uuid = self.state.vm_uuid or plan.uuid
+        self.state.vm_name = self.state.vm_name or plan.name
+        self.state.learned = self.state.learned or dict(plan.learned)
 
     def _export_step(self) -> None:
         result = self.export()
-        self.state["export"] = {"path": str(result.path), **result.file_info()}
+        self.state.export = {"path": str(result.path), **result.file_info()}
         problems = limits.violations([result.file_info()])
-        if problems and self.params.get("strict"):
+        if problems and self.request.strict:
             raise ImgprepError(
                 "the export exceeds what IMGAPI accepts (--strict): " + "; ".join(problems), code="ImgapiLimit"
             )
@@ -160,24 +263,27 @@ class Backend(abc.ABC):
 
     def write_manifest(self) -> None:
         """Write ``<image_uuid>.imgmanifest`` atomically beside the image file."""
-        export = dict(self.state["export"])
+        if self.state.export is None:
+            raise ImgprepError("write_manifest: nothing was exported")
+        export = dict(self.state.export)
         path = Path(export.pop("path"))
-        learned = dict(self.state.get("learned", {}))
+        learned = dict(self.state.learned)
         learned.update(self.learned_after_prepare())
-        user = dict(self.params["manifest"])
-        user.setdefault("name", self.state.get("vm_name", "image"))
+        user = dict(self.request.manifest)
+        user.setdefault("name", self.state.vm_name or "image")
         user.setdefault("version", default_version())
+        image_uuid = self.request.image_uuid
         manifest = build_manifest(
-            image_uuid=self.params["image_uuid"],
+            image_uuid=image_uuid,
             user=user,
             learned=learned,
             file_info=export,
             published_at=rfc3339(),
         )
-        target = path.parent / f"{self.params['image_uuid']}.imgmanifest"
+        target = path.parent / f"{image_uuid}.imgmanifest"
         write_file(target, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-        self.state["manifest_path"] = str(target)
-        self.state["file_path"] = str(path)
+        self.state.manifest_path = str(target)
+        self.state.file_path = str(path)
         self.record["manifest"] = manifest
 
     def learned_after_prepare(self) -> dict[str, Any]:
@@ -186,7 +292,7 @@ class Backend(abc.ABC):
 
     def check_free_space(self, need: int, problems: list[str]) -> None:
         """Validation: the output directory must hold ``need`` bytes (the worst case)."""
-        output_dir = Path(self.params["output_dir"])
+        output_dir = self.request.output_dir
         try:
             free = shutil.disk_usage(output_dir).free
         except OSError:
@@ -199,8 +305,8 @@ class Backend(abc.ABC):
 
     def discard_output(self) -> None:
         """A job that did not succeed leaves no image: remove its (half-)written files."""
-        out = Path(self.params["output_dir"])
-        image_uuid = self.params["image_uuid"]
+        out = self.request.output_dir
+        image_uuid = self.request.image_uuid
         remove_workdirs(out, image_uuid)
         for leftover in [*out.glob(f".{image_uuid}*.partial"), *out.glob(f"{image_uuid}.*")]:
             leftover.unlink(missing_ok=True)
@@ -276,14 +382,16 @@ class Backend(abc.ABC):
     def validate(self) -> VmFacts:
         """Check everything without touching the VM; raise InvalidInput."""
 
-    @abc.abstractmethod
-    def stop_vm(self) -> None: ...
+    def stop_vm(self) -> None:
+        """A hook of the default capture/release steps (a backend overriding both needs none)."""
+        raise NotImplementedError
+
+    def checkpoint(self) -> None:
+        """A hook of the default capture/release steps (a backend overriding both needs none)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
-    def checkpoint(self) -> None: ...
-
-    @abc.abstractmethod
-    def inject(self, request: CreateRequest) -> None: ...
+    def inject(self) -> None: ...
 
     @abc.abstractmethod
     def boot_prepare(self) -> None: ...
@@ -295,14 +403,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def export(self) -> ExportResult: ...
 
-    @abc.abstractmethod
-    def restore_disks(self) -> None: ...
+    def restore_disks(self) -> None:
+        """A hook of the default capture/release steps (a backend overriding both needs none)."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
-    def delete_checkpoint(self) -> None: ...
+    def delete_checkpoint(self) -> None:
+        """A hook of the default capture/release steps (a backend overriding both needs none)."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
-    def restart_vm(self) -> None: ...
+    def restart_vm(self) -> None:
+        """A hook of the default capture/release steps (a backend overriding both needs none)."""
+        raise NotImplementedError
 
 
 class StopTimeout(ImgprepError):

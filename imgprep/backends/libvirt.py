@@ -1,7 +1,10 @@
-"""libvirt/KVM backend: local qcow2 disks, a systemd guest, internal snapshots.
+"""libvirt/KVM backend: local qcow2 disks, a systemd guest, a pluggable capture.
 
-* checkpoint: an internal qcow2 snapshot of every disk of the shut-off domain
-  (exact, and created/reverted in milliseconds);
+* capture (``Capture``): how the VM's disks are held still for the prepare boot and
+  given back after it. Each capture contributes its create steps, its always steps
+  and its own state dataclass. ``InPlaceCapture`` (the only one so far): stop the VM,
+  an internal qcow2 snapshot of every disk of the shut-off domain (exact, and
+  created/reverted in milliseconds); always: revert, delete the snapshot, restart;
 * inject: the early unit, its runner and the operator script, written offline with
   libguestfs;
 * prepare boot: ``createXML`` of the domain's own persistent definition plus one
@@ -14,20 +17,21 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import libvirt
 
 from imgprep import artifacts
-from imgprep.backends.base import Backend, CreateRequest, StopTimeout, VmFacts
+from imgprep.backends.base import Backend, JobState, StopTimeout, VmFacts
 from imgprep.channel import ChannelParser, GuestStatus
 from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
@@ -36,7 +40,7 @@ from imgprep.guestchannel import SocketChannel, prepare_socket_dir, socket_path
 from imgprep.leftovers import check_clean
 from imgprep.libguestfs import open_guest
 from imgprep.run import run
-from imgprep.workflow import Engine
+from imgprep.workflow import Engine, Step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,15 +124,103 @@ def backing_chain(path: Path) -> list[dict[str, Any]]:
     return chain
 
 
-class LibvirtBackend(Backend):
+@dataclasses.dataclass
+class InPlaceState:
+    """What the in-place capture did (its undo depends on it)."""
+
+    checkpoint: str | None = None  # the internal snapshot's name, saved before it is created
+    shutdown_requested: bool = False
+    stop_timed_out: bool = False
+
+
+@dataclasses.dataclass
+class LibvirtState(JobState):
+    """The libvirt job state. A capture keeps its own dataclass in its own field."""
+
+    in_place: InPlaceState = dataclasses.field(default_factory=InPlaceState)
+    injected: list[str] = dataclasses.field(default_factory=list)
+    guest_os: dict[str, str] | None = None
+    channel_bytes: int = 0  # what the guest wrote on its channel during the prepare boot
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        data = dict(data)
+        in_place = dict(data.pop("in_place", None) or {})
+        for key in ("checkpoint", "shutdown_requested", "stop_timed_out"):  # version 1: flat
+            if key in data:
+                in_place.setdefault(key, data.pop(key))
+        state = super().from_json(data)
+        state.in_place = InPlaceState(**in_place)
+        return state
+
+
+class Capture(Protocol):
+    """How the prototype's disks are captured for the prepare boot, and released after it.
+
+    ``create_steps`` run after validate and before inject; ``always_steps`` are part of
+    the chain's ``finally`` (idempotent: recovery runs them again). ``disks`` are what
+    inject writes and export reads."""
+
+    name: ClassVar[str]
+
+    def create_steps(self) -> list[Step]: ...
+
+    def always_steps(self) -> list[Step]: ...
+
+    def disks(self) -> list[tuple[Path, str]]: ...
+
+
+CAPTURES: dict[str, Callable[[LibvirtBackend], Capture]] = {}
+
+
+class LibvirtBackend(Backend[LibvirtState]):
     name = "libvirt"
     default_script = "operator_scripts/linux-prepare-image"
+    state_type = LibvirtState
 
-    def __init__(self, config: Config, engine: Engine) -> None:
-        super().__init__(config, engine)
+    def __init__(self, config: Config, engine: Engine, request: Any) -> None:
+        super().__init__(config, engine, request)
+        self.capture: Capture = CAPTURES["in-place"](self)
         self._conn: Any = None
         self._parser = ChannelParser()  # what the guest reported during the prepare boot
         self._channel: SocketChannel | None = None  # our end of the guest's serial port
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._conn is None:
+            try:
+                self._conn = libvirt.open(self.config.libvirt_uri)
+            except libvirt.libvirtError as exc:
+                raise InvalidInput(
+                    f"cannot connect to libvirt at {self.config.libvirt_uri}: {exc.get_error_message()}",
+                    code="LibvirtUnreachable",
+                ) from None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = None
+
+    def connection(self) -> dict[str, Any]:
+        return {"libvirt_uri": self.config.libvirt_uri}
+
+    def check_recovery_target(self) -> None:
+        stored = self.record["params"].get("libvirt_uri")
+        if stored and stored != self.config.libvirt_uri:
+            raise InvalidInput(
+                f"job {self.record['uuid']} ran against libvirt at {stored!r}, not the configured "
+                f"{self.config.libvirt_uri!r}; recovery uses only the configured connection: check that URI, "
+                "then configure it (libvirt_uri, or --libvirt-uri) and run the recovery again",
+                code="RecoveryTargetMismatch",
+            )
+
+    def capture_steps(self) -> list[Step]:
+        return self.capture.create_steps()
+
+    def release_steps(self) -> list[Step]:
+        return self.capture.always_steps()
 
     # --- libvirt plumbing -------------------------------------------------------
 
@@ -156,7 +248,7 @@ class LibvirtBackend(Backend):
 
     def _domain(self) -> Any:
         conn = self._connect()
-        return self._call("look up the VM", lambda: conn.lookupByUUIDString(self.state["vm_uuid"]))
+        return self._call("look up the VM", lambda: conn.lookupByUUIDString(self.state.vm_uuid))
 
     def _channel_path(self) -> Path:
         return socket_path(self.record["uuid"])
@@ -168,16 +260,10 @@ class LibvirtBackend(Backend):
 
     # --- validate ---------------------------------------------------------------
 
-    def validate(self) -> VmFacts:
-        try:
-            conn = libvirt.open(self.config.libvirt_uri)
-        except libvirt.libvirtError as exc:
-            raise InvalidInput(
-                f"cannot connect to libvirt at {self.config.libvirt_uri}: {exc.get_error_message()}",
-                code="LibvirtUnreachable",
-            ) from None
-        self._conn = conn
-        vm = self.params["vm"]
+    def _lookup(self) -> Any:
+        self.open()
+        conn = self._conn
+        vm = self.request.vm
         dom = None
         try:
             uuidlib.UUID(vm)
@@ -187,6 +273,13 @@ class LibvirtBackend(Backend):
                 dom = conn.lookupByName(vm)
         if dom is None:
             raise InvalidInput(f"no VM {vm!r} at {self.config.libvirt_uri}", code="VmNotFound")
+        return dom
+
+    def locate(self) -> str:
+        return str(self._lookup().UUIDString())
+
+    def validate(self) -> VmFacts:
+        dom = self._lookup()
         problems: list[str] = []
         name = dom.name()
         if not dom.isPersistent():
@@ -243,60 +336,6 @@ class LibvirtBackend(Backend):
 
     # --- the chain ------------------------------------------------------------------
 
-    def stop_vm(self) -> None:
-        dom = self._domain()
-        self.state.setdefault("was_running", bool(self._call("query state", dom.isActive)))
-        self.mark_touched()
-        if not self._call("query state", dom.isActive):
-            return
-        log.info("shutting down VM %s", self.state["vm_name"])
-        self.state["shutdown_requested"] = True
-        self.persist()
-        self._call("shut down the VM", dom.shutdown)
-        deadline = time.monotonic() + self.config.timeouts.stop
-        next_request = time.monotonic() + SHUTDOWN_REPEAT
-        while self._call("query state", dom.isActive):
-            self.engine.cancel.check()
-            if time.monotonic() >= next_request:
-                # a guest still booting drops an ACPI request (no logind yet): ask again
-                with contextlib.suppress(ImgprepError):
-                    self._call("shut down the VM", dom.shutdown)
-                next_request = time.monotonic() + SHUTDOWN_REPEAT
-            if time.monotonic() >= deadline:
-                if self.config.force_stop:
-                    log.warning("VM did not shut down in %.0fs; forcing it off", self.config.timeouts.stop)
-                    self._call("power off the VM", dom.destroy)
-                    break
-                self.state["stop_timed_out"] = True
-                self.persist()
-                raise StopTimeout(
-                    f"VM {self.state['vm_name']} did not shut down within {self.config.timeouts.stop:.0f}s "
-                    "(does the guest handle ACPI shutdown?); rerun with --force-stop to power it off"
-                )
-            self.engine.cancel.sleep(1.0)
-
-    def checkpoint(self) -> None:
-        dom = self._domain()
-        name = CHECKPOINT_PREFIX + self.record["uuid"][:8]
-        self.state["checkpoint"] = name
-        self.persist()  # before creating it: recover must know the name
-        if self._snapshot(dom) is not None:
-            return
-        if self._call("query state", dom.isActive):
-            raise ImgprepError("the VM is running; refusing to checkpoint a live disk", code="VmRunning")
-        description = f"imgprep job {self.record['uuid']}: state before the prepare boot"
-        xml = f"<domainsnapshot><name>{name}</name><description>{description}</description></domainsnapshot>"
-        self._call("create the checkpoint", lambda: dom.snapshotCreateXML(xml, 0))
-
-    def _snapshot(self, dom: Any) -> Any:
-        name = self.state.get("checkpoint")
-        if not name:
-            return None
-        names = self._call("list snapshots", dom.snapshotListNames)
-        if name not in names:
-            return None
-        return self._call("look up the checkpoint", lambda: dom.snapshotLookupByName(name))
-
     def _persistent_xml(self) -> str:
         dom = self._domain()
         xml: str = self._call("read the definition", lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
@@ -306,14 +345,15 @@ class LibvirtBackend(Backend):
     def _disks(xml: str) -> list[dict[str, str]]:
         return [d for d in disks_of(xml) if d["device"] == "disk"]
 
-    def inject(self, request: CreateRequest) -> None:
+    def inject(self) -> None:
+        request = self.request
         persistent = self._persistent_xml()
         _, port = prepare_xml(persistent, self._channel_path())
         mode: artifacts.Mode = "legacy" if request.mode == "legacy" else "early"
         link = artifacts.wants_link(mode)
         wants_dir = str(Path(link).parent)
-        disks = [(Path(d["path"]), d["format"]) for d in self._disks(persistent)]
-        self.state["injected"] = [artifacts.UNIT_PATH, link, artifacts.PREFIX]
+        disks = self.capture.disks()
+        self.state.injected = [artifacts.UNIT_PATH, link, artifacts.PREFIX]
         self.persist()
         with open_guest(disks, readonly=False, force_tcg=self.config.libguestfs_tcg) as guest:
             if guest.inspect("type") != "linux":
@@ -324,7 +364,7 @@ class LibvirtBackend(Backend):
                 guest.exists(p) for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
             ):
                 raise NotSupported("the guest does not use systemd; imgprep injects a systemd unit")
-            self.state["guest_os"] = {
+            self.state.guest_os = {
                 "distro": guest.inspect("distro"),
                 "version": f"{guest.inspect('major_version')}.{guest.inspect('minor_version')}",
                 "product": guest.inspect("product_name"),
@@ -361,7 +401,7 @@ class LibvirtBackend(Backend):
             lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE),
         )
         xml, _ = prepare_xml(persistent, channel)
-        self.state["prepare_boot"] = True
+        self.state.prepare_boot = True
         self.persist()
         conn = self._connect()
         self._call("start the prepare boot", lambda: conn.createXML(xml, 0))
@@ -370,10 +410,6 @@ class LibvirtBackend(Backend):
             self._channel.close()
         self._channel = None
         self._guest_channel().connect()  # at once: QEMU drops what is written before we connect
-
-    def _shutdown_in_flight(self) -> bool:
-        s = self.state
-        return bool(s.get("shutdown_requested")) and not s.get("stop_timed_out") and not s.get("checkpoint")
 
     def _is_prepare_boot(self, dom: Any) -> bool:
         """Is the running domain our prepare boot (and not the user's restarted VM)?"""
@@ -390,18 +426,14 @@ class LibvirtBackend(Backend):
             status = channel.poll()
             channel.close()
             self._channel_path().unlink(missing_ok=True)
-        self.state["channel_bytes"] = channel.bytes_read  # what the guest wrote to us (saved with the step)
+        self.state.channel_bytes = channel.bytes_read  # what the guest wrote to us (saved with the step)
         return status, powered_off
 
     def export(self) -> ExportResult:
-        disks = self._disks(self._persistent_xml())
+        disks = self.capture.disks()
         # the guest's "success" is its own claim: look for imgprep's files before publishing
-        check_clean(
-            [(Path(d["path"]), d["format"]) for d in disks],
-            self.state.get("injected") or [],
-            force_tcg=self.config.libguestfs_tcg,
-        )
-        boot = disks[0]
+        check_clean(disks, self.state.injected, force_tcg=self.config.libguestfs_tcg)
+        boot_path, boot_format = disks[0]
         last = [-1]
 
         def progress(pct: float) -> None:
@@ -411,46 +443,141 @@ class LibvirtBackend(Backend):
 
         t0 = time.monotonic()
         result = export_disk(
-            Path(boot["path"]),
-            boot["format"],
-            Path(self.params["output_dir"]),
-            self.params["image_uuid"],
-            self.params["compression"],
+            boot_path,
+            boot_format,
+            self.request.output_dir,
+            self.request.image_uuid,
+            self.request.compression,
             progress=progress,
             cancel=self.engine.cancel,
         )
         self.engine.cancel.check()
-        self.state["export_seconds"] = round(time.monotonic() - t0, 3)
+        self.state.export_seconds = round(time.monotonic() - t0, 3)
         return result
 
+
+class InPlaceCapture:
+    """Today's capture: the prototype itself is stopped, checkpointed, prepared and exported.
+
+    create: stop_vm, checkpoint (an internal snapshot of every disk); always:
+    restore_disks (revert), delete_checkpoint, restart_vm (if it was running)."""
+
+    name: ClassVar[str] = "in-place"
+
+    def __init__(self, backend: LibvirtBackend) -> None:
+        self.backend = backend
+
+    def create_steps(self) -> list[Step]:
+        return [Step("stop_vm", self.stop_vm), Step("checkpoint", self.checkpoint)]
+
+    def always_steps(self) -> list[Step]:
+        return [
+            Step("restore_disks", self.restore_disks),
+            Step("delete_checkpoint", self.delete_checkpoint),
+            Step("restart_vm", self.restart_vm),
+        ]
+
+    def disks(self) -> list[tuple[Path, str]]:
+        b = self.backend
+        return [(Path(d["path"]), d["format"]) for d in b._disks(b._persistent_xml())]
+
+    @property
+    def _shutdown_in_flight(self) -> bool:
+        st = self.backend.state.in_place
+        return st.shutdown_requested and not st.stop_timed_out and not st.checkpoint
+
+    def stop_vm(self) -> None:
+        b, st = self.backend, self.backend.state.in_place
+        dom = b._domain()
+        if b.state.was_running is None:
+            b.state.was_running = bool(b._call("query state", dom.isActive))
+        b.mark_touched()
+        if not b._call("query state", dom.isActive):
+            return
+        log.info("shutting down VM %s", b.state.vm_name)
+        st.shutdown_requested = True
+        b.persist()
+        b._call("shut down the VM", dom.shutdown)
+        deadline = time.monotonic() + b.config.timeouts.stop
+        next_request = time.monotonic() + SHUTDOWN_REPEAT
+        while b._call("query state", dom.isActive):
+            b.engine.cancel.check()
+            if time.monotonic() >= next_request:
+                # a guest still booting drops an ACPI request (no logind yet): ask again
+                with contextlib.suppress(ImgprepError):
+                    b._call("shut down the VM", dom.shutdown)
+                next_request = time.monotonic() + SHUTDOWN_REPEAT
+            if time.monotonic() >= deadline:
+                if b.config.force_stop:
+                    log.warning("VM did not shut down in %.0fs; forcing it off", b.config.timeouts.stop)
+                    b._call("power off the VM", dom.destroy)
+                    break
+                st.stop_timed_out = True
+                b.persist()
+                raise StopTimeout(
+                    f"VM {b.state.vm_name} did not shut down within {b.config.timeouts.stop:.0f}s "
+                    "(does the guest handle ACPI shutdown?); rerun with --force-stop to power it off"
+                )
+            b.engine.cancel.sleep(1.0)
+
+    def checkpoint(self) -> None:
+        b, st = self.backend, self.backend.state.in_place
+        dom = b._domain()
+        name = CHECKPOINT_PREFIX + b.record["uuid"][:8]
+        st.checkpoint = name
+        b.persist()  # before creating it: recover must know the name
+        if self._snapshot(dom) is not None:
+            return
+        if b._call("query state", dom.isActive):
+            raise ImgprepError("the VM is running; refusing to checkpoint a live disk", code="VmRunning")
+        description = f"imgprep job {b.record['uuid']}: state before the prepare boot"
+        xml = f"<domainsnapshot><name>{name}</name><description>{description}</description></domainsnapshot>"
+        b._call("create the checkpoint", lambda: dom.snapshotCreateXML(xml, 0))
+
+    def _snapshot(self, dom: Any) -> Any:
+        b, st = self.backend, self.backend.state.in_place
+        name = st.checkpoint
+        if not name:
+            return None
+        names = b._call("list snapshots", dom.snapshotListNames)
+        if name not in names:
+            return None
+        return b._call("look up the checkpoint", lambda: dom.snapshotLookupByName(name))
+
     def restore_disks(self) -> None:
-        dom = self._domain()
-        if self._call("query state", dom.isActive) and self._is_prepare_boot(dom):
+        b = self.backend
+        dom = b._domain()
+        if b._call("query state", dom.isActive) and b._is_prepare_boot(dom):
             log.info("powering off the prepare boot")
-            self._call("power off the prepare boot", dom.destroy)
+            b._call("power off the prepare boot", dom.destroy)
         snapshot = self._snapshot(dom)
         if snapshot is None:
             return  # never created (nothing injected) or already reverted and deleted
-        if self._call("query state", dom.isActive):
+        if b._call("query state", dom.isActive):
             raise ImgprepError("the VM is running; cannot revert its disks", code="VmRunning")
-        self._call("revert to the checkpoint", lambda: dom.revertToSnapshot(snapshot, 0))
+        b._call("revert to the checkpoint", lambda: dom.revertToSnapshot(snapshot, 0))
 
     def delete_checkpoint(self) -> None:
-        dom = self._domain()
+        b = self.backend
+        dom = b._domain()
         snapshot = self._snapshot(dom)
         if snapshot is not None:
-            self._call("delete the checkpoint", lambda: snapshot.delete(0))
+            b._call("delete the checkpoint", lambda: snapshot.delete(0))
 
     def restart_vm(self) -> None:
-        if not self.state.get("was_running"):
+        b = self.backend
+        if not b.state.was_running:
             return
-        dom = self._domain()
-        if self._call("query state", dom.isActive) and self._shutdown_in_flight():
+        dom = b._domain()
+        if b._call("query state", dom.isActive) and self._shutdown_in_flight:
             # imgprep died while the guest was shutting down at its request: let the
             # shutdown finish, then start it again (it ends as it was: running).
-            deadline = time.monotonic() + self.config.timeouts.stop
-            while self._call("query state", dom.isActive) and time.monotonic() < deadline:
-                time.sleep(1.0)
-        if not self._call("query state", dom.isActive):
-            log.info("restarting VM %s", self.state["vm_name"])
-            self._call("restart the VM", dom.create)
+            deadline = time.monotonic() + b.config.timeouts.stop
+            while b._call("query state", dom.isActive) and time.monotonic() < deadline:
+                b.engine.cancel.sleep(1.0)
+        if not b._call("query state", dom.isActive):
+            log.info("restarting VM %s", b.state.vm_name)
+            b._call("restart the VM", dom.create)
+
+
+CAPTURES["in-place"] = InPlaceCapture

@@ -13,6 +13,7 @@ The fake world is a directory named by ``IMGPREP_FAKE_WORLD``:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -20,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from imgprep.backends.base import Backend, CreateRequest, VmFacts
+from imgprep.backends.base import Backend, JobState, VmFacts
 from imgprep.channel import GuestStatus
 from imgprep.errors import InvalidInput
 from imgprep.export import ExportResult, output_name
@@ -45,13 +46,23 @@ def disk_content(name: str) -> bytes:
     return f"fake disk of {name}\n".encode() * 4096
 
 
-class FakeBackend(Backend):
+@dataclasses.dataclass
+class FakeState(JobState):
+    fake_checkpoint: bool = False
+    fake_injected: int | None = None
+    fake_booted: bool = False
+    fake_restored: bool = False
+    fake_restarted: bool = False
+
+
+class FakeBackend(Backend[FakeState]):
     name = "libvirt"  # stands in for the libvirt backend in the test server process
     default_script = "operator_scripts/linux-prepare-image"
     poll_interval = 0.02
+    state_type = FakeState
 
     def _vm(self) -> dict[str, Any]:
-        vm = str(self.params["vm"])
+        vm = self.request.vm
         path = world() / "vms" / f"{vm}.json"
         if not path.exists():
             raise InvalidInput(f"no VM {vm!r} (fake backend)", code="VmNotFound")
@@ -61,32 +72,37 @@ class FakeBackend(Backend):
     def validate(self) -> VmFacts:
         data = self._vm()
         learned = {"type": "zvol", "os": "linux", "image_size": 10, "disk_driver": "virtio"}
-        return VmFacts(str(self.params["vm"]), data["name"], True, learned)
+        return VmFacts(self.request.vm, data["name"], True, learned)
+
+    def locate(self) -> str:
+        self._vm()
+        return self.request.vm
 
     def stop_vm(self) -> None:
-        self.state.setdefault("was_running", True)
+        if self.state.was_running is None:
+            self.state.was_running = True
         self.mark_touched()
 
     def checkpoint(self) -> None:
-        self.state["fake_checkpoint"] = True
+        self.state.fake_checkpoint = True
         self.persist()
 
-    def inject(self, request: CreateRequest) -> None:
-        self.state["fake_injected"] = len(request.script)
+    def inject(self) -> None:
+        self.state.fake_injected = len(self.request.script)
 
     def boot_prepare(self) -> None:
-        self.state["fake_booted"] = True
+        self.state.fake_booted = True
 
     def poll_guest(self) -> tuple[GuestStatus, bool]:
-        if not (world() / "gates" / str(self.state["vm_uuid"])).exists():
+        if not (world() / "gates" / self.state.vm_uuid).exists():
             return GuestStatus(), False
         if self._vm().get("fail") == "prepare":
             return GuestStatus(state="error", error="fake: the operator script failed", seen_states=["error"]), True
         return GuestStatus(state="success", seen_states=["running", "success"]), True
 
     def export(self) -> ExportResult:
-        out = Path(self.params["output_dir"]) / output_name(self.params["image_uuid"], "gzip")
-        data = gzip.compress(disk_content(self.state["vm_name"]), mtime=0)
+        out = self.request.output_dir / output_name(self.request.image_uuid, "gzip")
+        data = gzip.compress(disk_content(self.state.vm_name), mtime=0)
         out.write_bytes(data)
         return ExportResult(
             path=out,
@@ -98,10 +114,10 @@ class FakeBackend(Backend):
         )
 
     def restore_disks(self) -> None:
-        self.state["fake_restored"] = True
+        self.state.fake_restored = True
 
     def delete_checkpoint(self) -> None:
-        self.state["fake_checkpoint"] = False
+        self.state.fake_checkpoint = False
 
     def restart_vm(self) -> None:
-        self.state["fake_restarted"] = bool(self.state.get("was_running"))
+        self.state.fake_restarted = bool(self.state.was_running)

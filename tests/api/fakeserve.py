@@ -8,6 +8,7 @@ that jobs run without a VM. Nothing in the ``imgprep`` package knows about it.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import imgprep.jobs
 from imgprep.backends.base import Backend
@@ -15,7 +16,7 @@ from imgprep.cli import main
 from tests.api.fakebackend import FakeBackend
 
 
-def fake_backend_class(name: str) -> type[Backend]:
+def fake_backend_class(name: str) -> type[Backend[Any]]:
     return FakeBackend
 
 

@@ -31,12 +31,15 @@ NODE_WORKFLOW_KEYS = {
     "onerror",
     "chain_results",
     "onerror_results",
+    "always",
+    "always_results",
     "created_at",
     "started",
     "elapsed",
     "timeout",
 }
-ROLLBACK = ["discard_output", "restore_disks", "delete_checkpoint", "restart_vm"]
+ONERROR = ["discard_output"]
+ALWAYS = ["restore_disks", "delete_checkpoint", "restart_vm"]
 
 
 def new_vm(world: Path, name: str = "proto", *, fail: str | None = None, gate: bool = False) -> str:
@@ -84,7 +87,8 @@ def test_create_poll_fetch_delete(start_server: StartServer, world: Path) -> Non
         chain = [step["name"] for step in job["chain"]]
         assert chain[0] == "validate"
         assert "export" in chain
-        assert [step["name"] for step in job["onerror"]] == ROLLBACK
+        assert [step["name"] for step in job["onerror"]] == ONERROR
+        assert [step["name"] for step in job["always"]] == ALWAYS
         assert client.get("/images").json() == []  # ListImages defaults to active images
         assert [i["uuid"] for i in client.get("/images", params={"state": "creating"}).json()] == [image_uuid]
 
@@ -96,6 +100,7 @@ def test_create_poll_fetch_delete(start_server: StartServer, world: Path) -> Non
     assert [r["name"] for r in job["chain_results"]] == chain
     assert all(r["error"] is None and r["result"] == "OK" and r["finished_at"] for r in job["chain_results"])
     assert job["onerror_results"] == []
+    assert [r["name"] for r in job["always_results"]] == ALWAYS  # a finally: after success too
 
     with server.client() as client:
         image = client.get(f"/images/{image_uuid}").json()
@@ -150,8 +155,9 @@ def test_failed_job_fails_the_image_with_the_error(start_server: StartServer, wo
         # IMGAPI's client reports a failed job from the error of the last chain result
         assert job["chain_results"][-1]["name"] == "wait_result"
         assert job["chain_results"][-1]["error"]["code"] == "PrepareImageError"
-        assert [r["name"] for r in job["onerror_results"]] == ROLLBACK
-        assert all(r["error"] is None for r in job["onerror_results"])
+        assert [r["name"] for r in job["onerror_results"]] == ONERROR
+        assert [r["name"] for r in job["always_results"]] == ALWAYS
+        assert all(r["error"] is None for r in job["onerror_results"] + job["always_results"])
         assert job["vm_restored"] is True
 
         image = client.get(f"/images/{image_uuid}").json()
@@ -238,7 +244,8 @@ def test_restart_recovers_interrupted_jobs_and_keeps_finished_ones(start_server:
         assert job["execution"] == "failed"
         assert job["error"]["code"] == "Interrupted"
         assert job["recovery"][-1]["result"] == "restored"
-        assert [r["name"] for r in job["onerror_results"]] == ROLLBACK
+        assert [r["name"] for r in job["onerror_results"]] == ONERROR
+        assert [r["name"] for r in job["always_results"]] == ALWAYS
         assert job["state"]["fake_restored"] is True
         image = client.get(f"/images/{image_running}").json()
         assert (image["state"], image["error"]["code"]) == ("failed", "Interrupted")
@@ -276,8 +283,9 @@ def test_sigterm_cancels_running_jobs_which_roll_back(start_server: StartServer,
     job = store.get(job_running)
     assert job["execution"] == "canceled"
     assert job["error"]["code"] == "Canceled"
-    assert [r["name"] for r in job["onerror_results"]] == ROLLBACK
-    assert all(r["error"] is None for r in job["onerror_results"])
+    assert [r["name"] for r in job["onerror_results"]] == ONERROR
+    assert [r["name"] for r in job["always_results"]] == ALWAYS
+    assert all(r["error"] is None for r in job["onerror_results"] + job["always_results"])
     assert job["vm_restored"] is True
     assert store.get_image(image_running)[0]["state"] == "failed"
     queued = store.get(job_queued)

@@ -143,6 +143,8 @@ def test_create_from_running_prototype(prototype: Prototype, imgprep: Any, outpu
     assert [r["name"] for r in record["chain_results"]] == [c["name"] for c in record["chain"]]
     assert all(r["result"] == "OK" and r["error"] is None for r in record["chain_results"])
     assert record["onerror_results"] == []
+    assert [r["name"] for r in record["always_results"]] == [s["name"] for s in record["always"]]  # a finally
+    assert all(r["result"] == "OK" for r in record["always_results"])
     assert record["boot_report"] == report
     assert record["needs_recovery"] is False
 
@@ -169,7 +171,8 @@ def test_failing_script_restores_the_exact_disk(
     assert "boom: cannot clean /var/lib/app" in record["prepare"]["error"]
     assert record["prepare"]["state"] == "error"
     assert [r["name"] for r in record["onerror_results"]] == [s["name"] for s in record["onerror"]]
-    assert all(r["error"] is None for r in record["onerror_results"])
+    assert [r["name"] for r in record["always_results"]] == [s["name"] for s in record["always"]]
+    assert all(r["error"] is None for r in record["onerror_results"] + record["always_results"])
     assert record["vm_restored"] is True
     assert record["needs_recovery"] is False
     assert list(output_dir.iterdir()) == []

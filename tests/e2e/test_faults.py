@@ -25,26 +25,18 @@ from typing import Any
 import pytest
 
 from imgprep import artifacts
+from imgprep.config import Config
+from imgprep.jobs import chain_names
 from tests.e2e.conftest import REPO, CliResult, Prototype
 from tests.e2e.test_create import TIMEOUTS, inspect_disk
 
 pytestmark = pytest.mark.e2e
 
-CHAIN = [
-    "validate",
-    "stop_vm",
-    "checkpoint",
-    "inject",
-    "boot_prepare",
-    "wait_running",
-    "wait_result",
-    "wait_shutoff",
-    "export",
-    "write_manifest",
-    "restore_disks",
-    "delete_checkpoint",
-    "restart_vm",
-]
+# Every create and always step, from the chain itself: a new step gets SIGKILL coverage.
+_NAMES = chain_names(Config(), "libvirt")
+CHAIN = _NAMES["create"]
+ORDER = [*CHAIN, *_NAMES["always"]]
+STEPS = [("chain_results", step) for step in CHAIN] + [("always_results", step) for step in _NAMES["always"]]
 
 
 class RunningJob:
@@ -90,13 +82,13 @@ class RunningJob:
             if predicate(event):
                 return event
 
-    def wait_step(self, step: str, status: str = "started") -> dict[str, Any]:
+    def wait_step(self, step: str, status: str = "started", chain: str = "chain_results") -> dict[str, Any]:
         return self.wait_for(
             lambda e: (
                 e.get("event") == "step"
                 and e.get("step") == step
                 and e.get("status") == status
-                and e.get("chain") == "chain_results"
+                and e.get("chain") == chain
             )
         )
 
@@ -139,14 +131,17 @@ def reference_copy(proto: Prototype, tmp_path: Path) -> Path:
     return reference
 
 
-def assert_restored_exactly(proto: Prototype, reference: Path, output_dir: Path) -> None:
+def assert_restored_exactly(proto: Prototype, reference: Path, output_dir: Path, *, image_kept: bool = False) -> None:
     assert not proto.is_running()
     assert proto.snapshots() == []
     compare = subprocess.run(
         ["qemu-img", "compare", str(reference), str(proto.disk)], capture_output=True, text=True, check=False
     )
     assert compare.returncode == 0, compare.stdout + compare.stderr
-    assert list(output_dir.iterdir()) == [], "a failed job leaves no image behind"
+    if image_kept:  # killed while restoring after a good export: the finished image stays
+        assert sorted(p.suffix for p in output_dir.iterdir()) == [".imgmanifest", ".qcow2"]
+    else:
+        assert list(output_dir.iterdir()) == [], "a failed job leaves no image behind"
 
 
 def assert_no_traces(proto: Prototype) -> None:
@@ -169,8 +164,9 @@ def job_record(imgprep: Any, job_uuid: str) -> dict[str, Any]:
 # --- SIGKILL during every step, then `imgprep jobs recover` -------------------------------
 
 
-@pytest.mark.parametrize("step", CHAIN)
+@pytest.mark.parametrize(("chain", "step"), STEPS, ids=[step for _, step in STEPS])
 def test_sigkill_during_step_then_recover(
+    chain: str,
     step: str,
     make_prototype: Callable[..., Prototype],
     start_job: Callable[..., RunningJob],
@@ -186,7 +182,7 @@ def test_sigkill_during_step_then_recover(
     reference = None if running else reference_copy(proto, tmp_path)
 
     job = start_job("--vm", proto.uuid, "--output-dir", str(output_dir), *TIMEOUTS)
-    job.wait_step(step)
+    job.wait_step(step, chain=chain)
     job.proc.send_signal(signal.SIGKILL)
     assert job.finish().returncode == -signal.SIGKILL
 
@@ -209,9 +205,10 @@ def test_sigkill_during_step_then_recover(
     assert record["execution"] == "failed"
     assert record["error"]["code"] == "Interrupted"
     stopped_in = re.search(r"during step (\w+)", record["error"]["message"]).group(1)  # type: ignore[union-attr]
-    assert CHAIN.index(stopped_in) >= CHAIN.index(step)
+    assert ORDER.index(stopped_in) >= ORDER.index(step)
     assert record["needs_recovery"] is False
-    assert all(r["error"] is None for r in record["onerror_results"])
+    assert all(r["error"] is None for r in record["onerror_results"] + record["always_results"])
+    assert [r["name"] for r in record["always_results"]][-len(_NAMES["always"]) :] == _NAMES["always"]
 
     if running:
         assert proto.is_running()
@@ -219,7 +216,7 @@ def test_sigkill_during_step_then_recover(
         assert_no_traces(proto)
     else:
         assert reference is not None
-        assert_restored_exactly(proto, reference, output_dir)
+        assert_restored_exactly(proto, reference, output_dir, image_kept=chain == "always_results")
     reliability(
         f"imgprep killed during {step}",
         "SIGKILL, then `imgprep jobs recover` (twice)",

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -442,3 +443,74 @@ def test_ssh_target_parse_rejects(text: str) -> None:
 
     with pytest.raises(InvalidInput):
         SshTarget.parse(text)
+
+
+# --- a job record of imgprep 0.1.0 ------------------------------------------------------
+
+RECORDS = REPO / "tests" / "data" / "records"
+
+
+def node_command(sim: Node, *argv: str) -> None:
+    err = bytearray()
+    status = sim.node.execute(list(argv), lambda: b"", lambda _out: None, err.extend, lambda: None)
+    assert status == 0, err.decode()
+
+
+@pytest.mark.parametrize("port_matches", [False, True], ids=["stored-target-differs", "stored-target-matches"])
+def test_a_v1_record_is_recovered_on_the_configured_node_only(sim: Node, port_matches: bool) -> None:
+    uuid = sim.zone(running=True)
+    before = tree_digest(sim.node.zonepath(uuid))
+    job = "bb9c39fe-0000-4000-8000-000000000001"
+    text = (RECORDS / "v1-smartos-interrupted-after-checkpoint.json").read_text()
+    port = sim.server.port if port_matches else sim.server.port + 1
+    for key, value in {
+        '"@PORT@"': str(port),
+        "@JOB_UUID@": job,
+        "@JOB8@": job[:8],
+        "@VM_UUID@": uuid,
+        "@IMAGE_UUID@": "01ab63e7-fea6-494e-8a45-cd084ff318d1",
+        "@OUTPUT_DIR@": str(sim.output),
+        "@KEY_FILE@": str(sim.tmp / "client_key"),
+        "@KNOWN_HOSTS@": str(sim.known_hosts),
+        "@ZONEPATH@": str(sim.node.zonepath(uuid)),
+    }.items():
+        text = text.replace(key, value)
+    raw = json.loads(text)
+    assert raw["v"] == 1
+    # what the job had done when it died: stopped the zone, taken its checkpoint
+    node_command(sim, "vmadm", "stop", uuid)
+    node_command(sim, "zfs", "snapshot", "-o", f"imgprep:job={job}", f"zones/{uuid}@imgprep-pre-prepare-{job[:8]}")
+    store = JobStore(sim.state_dir)
+    store.save(dict(raw))
+    db = sqlite3.connect(store.path)
+    with db:
+        db.execute("UPDATE jobs SET record = ? WHERE uuid = ?", (json.dumps(raw), job))
+    db.close()
+
+    code, out, err = sim.cli("jobs", "--config", str(sim.config), "recover", job)
+    if not port_matches:  # the record names another SSH target than the configuration: refused
+        assert code == 2, err
+        assert "recovery connects only as configured" in err
+        assert sim.node.state(uuid) == "stopped"
+        assert sim.node.snapshot_names(f"zones/{uuid}") == [f"zones/{uuid}@imgprep-pre-prepare-{job[:8]}"]
+        return
+    assert code == 0, err
+    assert "restored" in out
+    recovered = store.get(job)
+    assert recovered["v"] == 2
+    assert recovered["vm_restored"] is True
+    assert recovered["error"]["code"] == "Interrupted"
+    assert [r["name"] for r in recovered["always_results"]] == ["restore_disks", "delete_checkpoint", "restart_vm"]
+    assert_restored(sim, uuid, before, running=True)
+
+
+def test_validation_runs_once_over_one_connection(sim: Node) -> None:
+    """Validation runs once, under the lock (the chain's validate step no longer repeats it):
+    one vmadm lookup, one imgadm get, one sysinfo."""
+    sim.zone(running=True)
+    code, _, err = sim.create("proto")  # by alias: a vmadm lookup
+    assert code == 0, err
+    commands = sim.node.commands
+    assert sum(c[:2] == ["imgadm", "get"] for c in commands) == 1
+    assert sum(c[:1] == ["sysinfo"] for c in commands) == 1
+    assert sum(c[:2] == ["vmadm", "lookup"] for c in commands) == 1

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from imgprep.compress import CompressingWriter, compress_file, compressor_command
-from imgprep.errors import CommandError, ImgprepError
+from imgprep.errors import Cancelled, CommandError, ImgprepError
 
 pytestmark = pytest.mark.allow_subprocess("setpriv")
 
@@ -199,6 +199,6 @@ def test_compress_file_cancel_stops_the_export(tmp_path: Path) -> None:
     source = tmp_path / "disk.raw"
     source.write_bytes(random.Random(9).randbytes(4_000_000))
     cancel = CancelAt()
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         compress_file(source, io.BytesIO(), "xz", progress=cancel.seen.append, cancel=cancel, poll=0.01)
     assert cancel.seen  # control: it got as far as reporting progress

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from imgprep.errors import CommandError
+from imgprep.errors import Cancelled, CommandError
 from imgprep.export import CompressingWriter, ExportResult, export_disk, output_name
 from imgprep.outputfiles import output_dir_problem
 from tests.capabilities import requires
@@ -153,10 +153,32 @@ def test_cancel_during_compression_leaves_nothing_behind(source: tuple[Path, byt
     out = tmp_path / "out"
     out.mkdir()
     cancel = CancelDuringCompression()
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):  # the one cancel error (exit 130, record canceled), not InterruptedError
         export_disk(disk, "qcow2", out, IMAGE_UUID, "xz", progress=cancel, cancel=cancel)
     assert list(out.iterdir()) == []
     assert any(p > 50.0 for p in cancel.progress)  # it was canceled in the compression half
+
+
+class CancelAtOnce:
+    is_set = True
+
+
+class NeverCancel:
+    is_set = False
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_cancel_during_qemu_img_convert_is_cancelled(
+    source: tuple[Path, bytes], tmp_path: Path, compression: str
+) -> None:
+    disk, _ = source
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(Cancelled):
+        export_disk(disk, "qcow2", out, IMAGE_UUID, compression, cancel=CancelAtOnce())
+    assert list(out.iterdir()) == []
+    # control: the same export without a cancel succeeds
+    assert export_disk(disk, "qcow2", out, IMAGE_UUID, compression, cancel=NeverCancel()).path.exists()
 
 
 def test_output_names() -> None:

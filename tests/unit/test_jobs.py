@@ -43,7 +43,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 def test_strict_comes_from_the_config_unless_given(tmp_path: Path) -> None:
     plain = Config(state_dir=tmp_path, output_dir=tmp_path)
     strict = Config(state_dir=tmp_path, output_dir=tmp_path, strict=True)
-    assert build_request(plain, vm="vm1").params()["strict"] is False
-    assert build_request(strict, vm="vm1").params()["strict"] is True
-    assert build_request(plain, vm="vm1", strict=True).params()["strict"] is True
-    assert build_request(strict, vm="vm1", strict=False).params()["strict"] is False
+    assert build_request(plain, vm="vm1").strict is False
+    assert build_request(strict, vm="vm1").strict is True
+    assert build_request(plain, vm="vm1", strict=True).strict is True
+    assert build_request(strict, vm="vm1", strict=False).strict is False

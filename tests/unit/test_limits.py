@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from imgprep.backends.base import Backend, CreateRequest, VmFacts
+from imgprep.backends.base import Backend, CreateRequest, JobState, VmFacts
 from imgprep.channel import GuestStatus
 from imgprep.config import Config
 from imgprep.errors import ImgprepError
@@ -38,9 +38,10 @@ def test_unknown_compression_and_several_files() -> None:
 class Engine:
     """The little of the workflow engine the export step uses."""
 
-    def __init__(self, strict: bool) -> None:
-        self.record: dict[str, Any] = {"state": {}, "params": {"strict": strict}, "vm_touched": True}
+    def __init__(self) -> None:
+        self.record: dict[str, Any] = {"state": {}, "vm_touched": True}
         self.events: list[dict[str, Any]] = []
+        self.before_save: Any = None
 
     def emit(self, event: dict[str, Any]) -> None:
         self.events.append(event)
@@ -49,34 +50,42 @@ class Engine:
         pass
 
 
-class SizedExport(Backend):
+class SizedExport(Backend[JobState]):
     """Only ``export``: it reports a file of a given size."""
 
     name = "sized"
     default_script = "operator_scripts/linux-prepare-image"
+    state_type = JobState
     size = 0
 
     def export(self) -> ExportResult:
         return ExportResult(Path("/nonexistent/image.raw.gz"), self.size, "a", "b", "gzip", "raw")
 
+    def locate(self) -> str:
+        raise NotImplementedError
+
     def validate(self) -> VmFacts:
         raise NotImplementedError
 
-    def stop_vm(self) -> None: ...
-    def checkpoint(self) -> None: ...
-    def inject(self, request: CreateRequest) -> None: ...
+    def inject(self) -> None: ...
     def boot_prepare(self) -> None: ...
     def poll_guest(self) -> tuple[GuestStatus, bool]:
         raise NotImplementedError
 
-    def restore_disks(self) -> None: ...
-    def delete_checkpoint(self) -> None: ...
-    def restart_vm(self) -> None: ...
-
 
 def export_step(size: int, *, strict: bool) -> tuple[Engine, SizedExport]:
-    engine = Engine(strict)
-    backend = SizedExport(Config(), engine)  # type: ignore[arg-type]
+    engine = Engine()
+    request = CreateRequest(
+        vm="vm1",
+        image_uuid="00000000-0000-4000-8000-000000000001",
+        manifest={},
+        script=b"#!/bin/sh\n",
+        script_name="s",
+        compression="gzip",
+        output_dir=Path("/nonexistent"),
+        strict=strict,
+    )
+    backend = SizedExport(Config(), engine, request)  # type: ignore[arg-type]
     backend.size = size
     backend._export_step()
     return engine, backend
@@ -86,7 +95,8 @@ def test_an_oversized_export_is_a_warning() -> None:
     engine, backend = export_step(MAX_FILE_BYTES + 1, strict=False)
     assert [e["event"] for e in engine.events] == ["warning"]
     assert backend.record["warnings"] == violations([{"size": MAX_FILE_BYTES + 1, "compression": "gzip"}])
-    assert backend.state["export"]["size"] == MAX_FILE_BYTES + 1
+    assert backend.state.export is not None
+    assert backend.state.export["size"] == MAX_FILE_BYTES + 1
 
 
 def test_an_oversized_export_fails_under_strict() -> None:

@@ -52,7 +52,7 @@ def test_documents_within_the_bounds_parse() -> None:
 
 
 def test_a_guest_error_nested_without_end_is_text_not_a_crash() -> None:
-    from imgprep.backends.smartos import parse_guest_error
+    from imgprep.backends.smartos.backend import parse_guest_error
 
     message, tail = parse_guest_error("[" * 100_000)
     assert message is not None

@@ -23,6 +23,7 @@ from imgprep.errors import (
 from imgprep.jobstore import JobStore, Record
 from imgprep.workflow import (
     CancelToken,
+    Chain,
     Engine,
     RetryPolicy,
     Step,
@@ -103,7 +104,7 @@ def make_engine(
 def test_chain_runs_in_order_and_succeeds_without_rollback() -> None:
     rec = Recorder()
     engine = make_engine()
-    engine.run([rec.step(n) for n in CHAIN], [rec.step(n) for n in ONERROR])
+    engine.run(Chain([rec.step(n) for n in CHAIN], onerror=[rec.step(n) for n in ONERROR]))
     assert rec.ran == CHAIN
     assert engine.record["execution"] == "succeeded"
     assert [r["name"] for r in engine.record["chain_results"]] == CHAIN
@@ -123,7 +124,7 @@ def test_record_is_saved_before_and_after_every_step() -> None:
 
         return Step(name, fn)
 
-    engine.run([step(n) for n in CHAIN], [])
+    engine.run(Chain([step(n) for n in CHAIN], onerror=[]))
     for index, name in enumerate(CHAIN):
         during = seen_during[name]
         assert during["execution"] == "running"
@@ -155,7 +156,7 @@ def test_record_round_trips_through_a_real_jobstore(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     rec = Recorder()
     engine = make_engine(store=store)
-    engine.run([rec.step(n) for n in CHAIN[:3]], [])
+    engine.run(Chain([rec.step(n) for n in CHAIN[:3]], onerror=[]))
     saved = store.get(engine.record["uuid"])
     assert saved["execution"] == "succeeded"
     assert [r["name"] for r in saved["chain_results"]] == CHAIN[:3]
@@ -173,7 +174,7 @@ def test_failure_at_every_chain_position_runs_the_whole_onerror_chain(position: 
     chain = [rec.step(n, fail=PrepareFailed("guest said no") if n == failing else None) for n in CHAIN]
     engine = make_engine()
     with pytest.raises(PrepareFailed, match="guest said no"):
-        engine.run(chain, [rec.step(n) for n in ONERROR])
+        engine.run(Chain(chain, onerror=[rec.step(n) for n in ONERROR]))
     assert rec.ran == [*CHAIN[: position + 1], *ONERROR]  # later steps did not run
     record = engine.record
     assert record["execution"] == "failed"
@@ -198,7 +199,7 @@ def test_execution_stays_running_until_the_onerror_chain_is_done() -> None:
         raise PrepareFailed("guest said no")
 
     with pytest.raises(PrepareFailed):
-        engine.run([Step("prepare", fail)], [Step("restore", observe), Step("restart", observe)])
+        engine.run(Chain([Step("prepare", fail)], onerror=[Step("restore", observe), Step("restart", observe)]))
     assert seen == ["running", "running"]
     assert engine.record["execution"] == "failed"
 
@@ -207,14 +208,14 @@ def test_a_crashing_step_is_recorded_as_internal_error_and_reraised() -> None:
     rec = Recorder()
     engine = make_engine()
     with pytest.raises(ZeroDivisionError):
-        engine.run([rec.step("a"), rec.step("b", fail=ZeroDivisionError("oops"))], [rec.step("undo")])
+        engine.run(Chain([rec.step("a"), rec.step("b", fail=ZeroDivisionError("oops"))], onerror=[rec.step("undo")]))
     assert rec.ran == ["a", "b", "undo"]
     assert engine.record["execution"] == "failed"
     assert engine.record["error"] == {"code": "InternalError", "message": "ZeroDivisionError: oops"}
     assert engine.record["chain_results"][-1]["error"]["code"] == "InternalError"
 
 
-def test_failing_onerror_step_does_not_skip_the_others_and_raises_restore_failed() -> None:
+def test_failing_always_step_does_not_skip_the_others_and_raises_restore_failed() -> None:
     rec = Recorder()
     touched = Recorder()
     engine = make_engine()
@@ -222,40 +223,111 @@ def test_failing_onerror_step_does_not_skip_the_others_and_raises_restore_failed
     def touch() -> None:
         engine.record["vm_touched"] = True
 
-    onerror = [
-        rec.step("discard"),
+    always = [
         rec.step("restore_disks", fail=ImgprepError("disk is gone")),
         rec.step("delete_checkpoint", fail=RuntimeError("libvirt crashed")),
         rec.step("restart_vm"),
     ]
     chain = [touched.step("stop_vm", then=touch), touched.step("inject", fail=PrepareFailed("x"))]
     with pytest.raises(RestoreFailed) as info:
-        engine.run(chain, onerror)
+        engine.run(Chain(chain, always=always, onerror=[rec.step("discard")]))
     assert rec.ran == ["discard", "restore_disks", "delete_checkpoint", "restart_vm"]
     message = info.value.message
     assert "restore_disks: disk is gone" in message
     assert "delete_checkpoint: libvirt crashed" in message
     assert f"imgprep jobs recover {engine.record['uuid']}" in message
+    assert "kept" not in message  # the create failed: there is no image to keep
     record = engine.record
     assert record["restore_error"] == "restore_disks: disk is gone; delete_checkpoint: libvirt crashed"
     assert record["error"]["message"] == "x"  # the chain's error stays the job's error
-    assert [r["error"] is None for r in record["onerror_results"]] == [True, False, False, True]
+    assert [r["error"] is None for r in record["always_results"]] == [False, False, True]
     assert record["vm_touched"] is True
     assert record["vm_restored"] is False
     assert needs_recovery(record, running=False)
     assert not needs_recovery(record, running=True)  # a live process may still finish it
 
 
-def test_run_onerror_alone_is_what_recovery_uses() -> None:
+def test_always_runs_after_success_and_failure_onerror_only_after_failure() -> None:
+    for fails in (False, True):
+        rec = Recorder()
+        engine = make_engine()
+        chain = Chain(
+            [rec.step("export", fail=PrepareFailed("no") if fails else None)],
+            always=[rec.step("restore"), rec.step("restart")],
+            onerror=[rec.step("discard")],
+        )
+        if fails:
+            with pytest.raises(PrepareFailed):
+                engine.run(chain)
+        else:
+            engine.run(chain)
+        assert rec.ran == (["export", "discard", "restore", "restart"] if fails else ["export", "restore", "restart"])
+        assert [r["name"] for r in engine.record["always_results"]] == ["restore", "restart"]
+        assert [r["name"] for r in engine.record["onerror_results"]] == (["discard"] if fails else [])
+        assert engine.record["execution"] == ("failed" if fails else "succeeded")
+
+
+def test_a_restore_failure_after_a_good_export_keeps_the_image_and_fails_the_job() -> None:
+    """The bug of the two-copy rollback: a failed restore_disks after the export ran
+    discard_output and deleted a finished, checksummed image."""
     rec = Recorder()
-    record = make_record()
-    record.update(vm_touched=True, execution="failed", restore_error="earlier failure")
-    engine = make_engine(record)
-    engine.run_onerror([rec.step(n) for n in ONERROR])
-    assert rec.ran == ONERROR
-    assert record["vm_restored"] is True
-    assert "restore_error" not in record
-    assert not needs_recovery(record, running=False)
+    engine = make_engine()
+
+    def export() -> None:
+        engine.record["vm_touched"] = True
+        engine.record["state"]["file_path"] = "/images/u.qcow2"
+        rec.ran.append("export")
+
+    chain = Chain(
+        [Step("export", export)],
+        always=[rec.step("restore_disks", fail=ImgprepError("revert failed")), rec.step("restart_vm")],
+        onerror=[rec.step("discard_output")],
+    )
+    with pytest.raises(RestoreFailed) as info:
+        engine.run(chain)
+    assert "discard_output" not in rec.ran  # the image stays
+    assert rec.ran == ["export", "restore_disks", "restart_vm"]
+    assert "the image /images/u.qcow2 is complete and was kept" in info.value.message
+    assert f"imgprep jobs recover {engine.record['uuid']}" in info.value.message
+    assert engine.record["execution"] == "failed"
+    assert engine.record["error"]["code"] == "RestoreFailed"
+    assert needs_recovery(engine.record, running=False)
+
+
+def test_recover_runs_always_and_discards_only_when_asked() -> None:
+    for discard in (False, True):
+        rec = Recorder()
+        record = make_record()
+        record.update(vm_touched=True, execution="failed", restore_error="earlier failure")
+        engine = make_engine(record)
+        engine.recover(Chain([rec.step("never")], always=[rec.step("restore")], onerror=[rec.step("discard")]),
+                       discard=discard)  # fmt: skip
+        assert rec.ran == (["discard", "restore"] if discard else ["restore"])
+        assert record["vm_restored"] is True
+        assert "restore_error" not in record
+        assert not needs_recovery(record, running=False)
+
+
+def test_the_cancel_that_started_the_rollback_does_not_interrupt_it_a_second_one_does() -> None:
+    token = CancelToken()
+    engine = make_engine(cancel=token)
+    waited: list[str] = []
+
+    def cancel_now() -> None:
+        token.cancel("SIGINT")
+        token.check()
+
+    def restore_wait() -> None:
+        token.sleep(0)  # returns: the first cancel is shielded during the rollback
+        waited.append("first")
+        token.cancel("SIGINT")  # a second signal while restoring
+        token.sleep(3600)  # must raise at once
+
+    with pytest.raises(RestoreFailed):
+        engine.run(Chain([Step("inject", cancel_now)], always=[Step("restore_disks", restore_wait)]))
+    assert waited == ["first"]
+    assert engine.record["always_results"][0]["error"]["code"] == "Canceled"
+    assert engine.record["execution"] == "canceled"
 
 
 # --- vm_touched / vm_restored bookkeeping ---------------------------------------------
@@ -265,7 +337,7 @@ def test_untouched_vm_is_never_marked_restored_nor_needs_recovery() -> None:
     rec = Recorder()
     engine = make_engine()
     with pytest.raises(InvalidInput):
-        engine.run([rec.step("validate", fail=InvalidInput("bad"))], [rec.step("undo")])
+        engine.run(Chain([rec.step("validate", fail=InvalidInput("bad"))], onerror=[rec.step("undo")]))
     assert engine.record["vm_touched"] is False
     assert engine.record["vm_restored"] is False
     assert not needs_recovery(engine.record, running=False)
@@ -282,9 +354,9 @@ def test_touched_vm_is_restored_after_success_or_rollback(fails: bool) -> None:
     chain = [rec.step("stop_vm", then=touch), rec.step("export", fail=PrepareFailed("no") if fails else None)]
     if fails:
         with pytest.raises(PrepareFailed):
-            engine.run(chain, [rec.step("restore")])
+            engine.run(Chain(chain, onerror=[rec.step("restore")]))
     else:
-        engine.run(chain, [rec.step("restore")])
+        engine.run(Chain(chain, onerror=[rec.step("restore")]))
     assert engine.record["vm_restored"] is True
     assert not needs_recovery(engine.record, running=False)
     assert ("restore" in rec.ran) is fails
@@ -317,7 +389,7 @@ def test_transient_error_is_retried_with_the_injected_sleep() -> None:
     sleeps: list[float] = []
     flaky = Flaky(2, lambda: TransientError("domain is busy"))
     engine = make_engine(attempts=5, sleep=sleeps.append)
-    engine.run([Step("boot", flaky)], [])
+    engine.run(Chain([Step("boot", flaky)], onerror=[]))
     assert flaky.calls == 3
     assert len(sleeps) == 2
     assert all(s > 0 for s in sleeps)
@@ -332,7 +404,7 @@ def test_transient_retries_are_bounded_by_attempts() -> None:
     rec = Recorder()
     engine = make_engine(attempts=4, sleep=sleeps.append)
     with pytest.raises(TransientError, match="connection reset"):
-        engine.run([Step("boot", flaky)], [rec.step("undo")])
+        engine.run(Chain([Step("boot", flaky)], onerror=[rec.step("undo")]))
     assert flaky.calls == 4
     assert len(sleeps) == 3
     assert rec.ran == ["undo"]
@@ -355,7 +427,7 @@ def test_transient_retries_are_bounded_by_time(monkeypatch: pytest.MonkeyPatch) 
     policy = RetryPolicy(attempts=100, max_seconds=60, sleep=fake_sleep)
     engine = Engine(make_record(), cast(JobStore, SnapshotStore()), retry=policy)
     with pytest.raises(TransientError):
-        engine.run([Step("boot", flaky)], [])
+        engine.run(Chain([Step("boot", flaky)], onerror=[]))
     # attempt 1 ends at 40 s (< 60: retry), attempt 2 ends past 80 s: the time bound stops it
     assert flaky.calls == 2
     assert clock[0] - 1000.0 < 100
@@ -377,7 +449,7 @@ def test_non_transient_errors_are_not_retried(exc: Callable[[], BaseException]) 
     flaky = Flaky(100, exc)
     engine = make_engine(attempts=5, sleep=sleeps.append)
     with pytest.raises(type(exc())):
-        engine.run([Step("export", flaky)], [])
+        engine.run(Chain([Step("export", flaky)], onerror=[]))
     assert flaky.calls == 1
     assert sleeps == []
 
@@ -395,7 +467,7 @@ def test_cancel_is_honoured_at_the_next_safe_point_and_rolls_back() -> None:
         rec.step("inject"),
     ]
     with pytest.raises(Cancelled, match="SIGTERM"):
-        engine.run(chain, [rec.step(n) for n in ONERROR])
+        engine.run(Chain(chain, onerror=[rec.step(n) for n in ONERROR]))
     assert rec.ran == ["stop_vm", "checkpoint", *ONERROR]
     assert engine.record["execution"] == "canceled"
     assert engine.record["error"]["code"] == "Canceled"
@@ -414,7 +486,7 @@ def test_cancelled_raised_inside_a_step_cancels_the_job() -> None:
 
     engine = make_engine(cancel=token)
     with pytest.raises(Cancelled):
-        engine.run([Step("wait_result", wait_in_guest)], [rec.step("restore")])
+        engine.run(Chain([Step("wait_result", wait_in_guest)], onerror=[rec.step("restore")]))
     assert engine.record["execution"] == "canceled"
     assert engine.record["chain_results"][-1]["error"]["code"] == "Canceled"
     assert rec.ran == ["restore"]
@@ -425,7 +497,7 @@ def test_keyboard_interrupt_in_a_step_becomes_cancelled_and_the_step_is_not_ok()
     store = SnapshotStore()
     engine = make_engine(store=store)
     with pytest.raises(Cancelled, match="interrupted"):
-        engine.run([rec.step("inject", fail=KeyboardInterrupt())], [rec.step("restore")])
+        engine.run(Chain([rec.step("inject", fail=KeyboardInterrupt())], onerror=[rec.step("restore")]))
     assert engine.record["execution"] == "canceled"
     assert rec.ran == ["inject", "restore"]
     interrupted = store.last["chain_results"][-1]
