@@ -96,12 +96,15 @@ class Guest:
 
 
 @contextlib.contextmanager
-def open_guest(disks: Sequence[tuple[Path, str]], *, readonly: bool, force_tcg: bool) -> Iterator[Guest]:
+def open_guest(
+    disks: Sequence[tuple[Path, str]], *, readonly: bool, force_tcg: bool, partial: bool = False
+) -> Iterator[Guest]:
     """Launch the appliance over ``disks`` (path, format), inspect, mount the OS.
 
     Every filesystem the guest's fstab names must mount: a guest with ``/var`` on its own
     filesystem that did not mount would get its files written under the root filesystem's
-    empty ``/var``, where the booted guest never sees them.
+    empty ``/var``, where the booted guest never sees them. ``partial`` (a read-only look
+    at some of a guest's disks, e.g. the one exported) mounts only what is there.
     """
     g = _guestfs().GuestFS(python_return_dict=True)
     if force_tcg or os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "") == "force_tcg":
@@ -125,6 +128,9 @@ def open_guest(disks: Sequence[tuple[Path, str]], *, readonly: bool, force_tcg: 
                 else:
                     g.mount(mounts[mountpoint], mountpoint)
             except RuntimeError as exc:
+                if partial and mountpoint != "/":
+                    log.info("not mounting %s: its filesystem is not on these disks (%s)", mountpoint, exc)
+                    continue
                 raise GuestfsError(f"cannot mount {mounts[mountpoint]} on {mountpoint}: {exc}") from None
         guest = Guest(g, root)
         yield guest

@@ -102,6 +102,9 @@ while :; do
 done
 """
 
+# the test guest's own units whose names say imgprep: not imgprep's traces
+FIXTURE_UNITS = ("imgprep-test-writer.service",)
+
 WRITER_UNIT = """[Unit]
 Description=Test writer: a counter appended and fsync'ed several times a second
 
