@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from imgprep.libguestfs import Guest, selinux_label
 from tests import guestimage
 from tests.guestimage import _customize, _run, cache_root
 
@@ -273,7 +274,8 @@ def _selinux(g: Any, tree: Path) -> str:
     g.write("/etc/selinux/config", SELINUX_CONFIG.encode())
     _grub(g, ["--target=i386-pc", dev])
     # Label everything with the guest's own policy, last (after every write).
-    g.setfiles(["/"], "/etc/selinux/default/contexts/files/file_contexts", force=True)
+    if selinux_label(Guest(g, "/dev/sda2"), ["/"]) is None:
+        raise RuntimeError("the SELinux layout has no SELinux policy enabled")
     return "bios"
 
 
