@@ -306,7 +306,8 @@ BUILDERS: dict[str, Callable[[Any, Path], str]] = {
 
 def build(name: str, force: bool = False) -> Layout:
     """Return the cached layout ``name``, building it (and the tree) if needed."""
-    layout = Layout(name, _root() / f"{name}-{layout_key(name)}")
+    key = layout_key(name)
+    layout = Layout(name, _root() / f"{name}-{key}")
     if (layout.directory / "done.json").exists() and not force:
         return layout
     tree = build_tree()
@@ -323,7 +324,7 @@ def build(name: str, force: bool = False) -> Layout:
             g.close()
         disk.chmod(0o644)
         work.chmod(0o755)
-        (work / "done.json").write_text(json.dumps({"layout": name, "key": layout_key(name), "firmware": firmware}))
+        (work / "done.json").write_text(json.dumps({"layout": name, "key": key, "firmware": firmware}))
         if layout.directory.exists():
             shutil.rmtree(layout.directory)
         work.rename(layout.directory)
