@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -192,7 +193,17 @@ def _grub(g: Any, *targets: list[str]) -> None:
     g.write("/boot/grub/device.map", b"(hd0) /dev/sda\n")
     for args in targets:
         print("+ guest: grub-install " + " ".join(args), file=sys.stderr, flush=True)
-        g.command(["grub-install", *args])
+        # Under load the appliance's udev may not have settled the partitions yet, and
+        # grub-install then takes them for another disk: retry a few times.
+        for attempt in range(1, 4):
+            try:
+                g.command(["grub-install", *args])
+                break
+            except RuntimeError as exc:
+                if attempt == 3 or "cross-disk" not in str(exc):
+                    raise
+                print(f"+ guest: grub-install failed ({attempt}), retrying", file=sys.stderr, flush=True)
+                time.sleep(10)
     print("+ guest: update-grub", file=sys.stderr, flush=True)
     g.command(["update-grub"])
     g.command(["update-initramfs", "-u", "-k", "all"])
