@@ -130,7 +130,8 @@ def _create_and_check(proto: Prototype, imgprep: Any, output_dir: Path, *, cloud
     assert facts["demo_identity"] is False
     assert not any("member" in f for f in facts["etcd_files"]), facts["etcd_files"]
     assert facts["redis_files"] == []
-    assert facts["traces"] == []
+    # imgprep-test-writer is a test fixture of the guest, not an imgprep trace
+    assert [t for t in facts["traces"] if "imgprep-test-writer" not in t] == []
     # cloud-init regenerates host keys itself; otherwise the first-boot unit does.
     assert facts["firstboot_keygen"] is not cloud_init
     report = summary["boot_report"]
@@ -179,7 +180,7 @@ def _boot(proto: Prototype, done: Callable[[str], bool], timeout: float = BOOT_T
         time.sleep(1)
 
 
-def _inject_over_console(disk: Path, *, label: bool) -> str | None:
+def _inject_over_console(disk: Path, *, label: bool) -> dict[str, str]:
     """imgprep's injection plan written offline, its channel the serial console (so the
     runner's messages land in the console log). Returns the file_contexts used."""
     files = artifacts.linux_injection(
@@ -197,8 +198,14 @@ def _inject_over_console(disk: Path, *, label: bool) -> str | None:
             else:
                 g.write(f.path, f.data, f.mode)
         if label:
-            return selinux_label(g, [artifacts.PREFIX, artifacts.UNIT_PATH, artifacts.wants_link("early")])
-    return None
+            spec = selinux_label(g, [artifacts.PREFIX, artifacts.UNIT_PATH, artifacts.wants_link("early")])
+            assert spec == "/etc/selinux/default/contexts/files/file_contexts"
+        labels = {}
+        for path in (artifacts.UNIT_PATH, f"{artifacts.PREFIX}/runner"):
+            names = [x["attrname"] for x in g.g.lgetxattrs(path)]
+            if "security.selinux" in names:
+                labels[path] = g.g.lgetxattr(path, "security.selinux").rstrip(b"\0").decode()
+        return labels
 
 
 def _message(state: str) -> str:
@@ -212,25 +219,20 @@ def test_selinux_labels_make_the_injection_run(make_layout_prototype: Callable[[
     reference = proto.disk.with_name("reference.qcow2")
     subprocess.run(["cp", "--sparse=always", str(proto.disk), str(reference)], check=True)
 
-    # Control: the same injection without labels is refused under enforcing.
-    assert _inject_over_console(proto.disk, label=False) is None
+    # Unlabelled (what the libvirt backend injects today). Debian's default policy lets
+    # systemd run the unlabelled unit and runner: recorded here, so that a policy change
+    # that starts refusing them shows up.
+    assert _inject_over_console(proto.disk, label=False) == {}
     text = _boot(proto, lambda t: LOGIN in t or _message("success") in t)
     assert "Successfully loaded SELinux policy" in text
-    assert _message("running") not in text, "the unlabelled runner ran under enforcing"
-    assert LOGIN in text, "the guest booted on without running the unlabelled unit"
+    assert _message("success") in text, text[-3000:]
     proto.dom.destroy()
-    with open_guest([(proto.disk, "qcow2")], readonly=True, force_tcg=True) as g:
-        audit = g.read("/var/log/audit/audit.log").decode(errors="replace")
-        assert g.read("/etc/selinux/config").startswith(b"SELINUX=enforcing")
-    denials = [
-        line for line in audit.splitlines() if "avc:  denied" in line and ("imgprep" in line or 'name="runner"' in line)
-    ]
-    assert denials, "no SELinux denial of imgprep's files recorded"
 
     # Labelled with the guest's own policy: the runner runs, reports, powers off.
     shutil.copyfile(reference, proto.disk)
-    spec = _inject_over_console(proto.disk, label=True)
-    assert spec == "/etc/selinux/default/contexts/files/file_contexts"
+    labels = _inject_over_console(proto.disk, label=True)
+    assert ":systemd_unit_file_t:" in labels[artifacts.UNIT_PATH], labels
+    assert ":var_lib_t:" in labels[f"{artifacts.PREFIX}/runner"], labels
     text = _boot(proto, lambda t: LOGIN in t)
     assert _message("running") in text, text[-3000:]
     assert _message("success") in text, text[-3000:]
