@@ -233,7 +233,7 @@ def test_selinux_labels_make_the_injection_run(make_layout_prototype: Callable[[
     # Labelled with the guest's own policy: the runner runs, reports, powers off.
     shutil.copyfile(reference, proto.disk)
     labels = _inject_over_console(proto.disk, label=True)
-    assert ":systemd_unit_file_t:" in labels[artifacts.UNIT_PATH], labels
+    assert ":systemd_unit_t:" in labels[artifacts.UNIT_PATH], labels
     assert ":var_lib_t:" in labels[f"{artifacts.PREFIX}/runner"], labels
     text = _boot(proto, lambda t: LOGIN in t)
     assert _message("running") in text, text[-3000:]
