@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,68 @@ class Guest:
 
     def rm_rf(self, path: str) -> None:
         self.g.rm_rf(path)
+
+
+SELINUX_CONFIG = "/etc/selinux/config"
+SELINUX_CONFIG_MAX = 64 * 1024
+_SELINUX_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+GUEST_SETFILES = ("/usr/sbin/setfiles", "/sbin/setfiles")
+
+
+def selinux_file_contexts(guest: Guest) -> str | None:
+    """The guest's own ``file_contexts`` when its SELinux is not disabled, else None.
+
+    Reads ``/etc/selinux/config`` (bounded, a regular file only); the policy name it
+    gives is checked against a strict pattern before it becomes part of a guest path."""
+    config = SELINUX_CONFIG
+    if not guest.exists(config) or guest.is_symlink(config) or guest.is_dir(config):
+        return None
+    if int(guest.g.filesize(config)) > SELINUX_CONFIG_MAX:
+        raise GuestfsError(f"the guest's {config} is larger than {SELINUX_CONFIG_MAX} bytes")
+    settings: dict[str, str] = {}
+    for raw in guest.read(config).decode("utf-8", errors="replace").splitlines():
+        key, sep, value = raw.strip().partition("=")
+        if sep and key in ("SELINUX", "SELINUXTYPE"):
+            settings[key] = value.strip().strip("\"'")
+    if settings.get("SELINUX", "disabled").lower() not in ("enforcing", "permissive"):
+        return None
+    policy = settings.get("SELINUXTYPE", "")
+    if not _SELINUX_TYPE.fullmatch(policy):
+        raise GuestfsError(f"the guest's {config} names an invalid SELinux policy: {policy[:64]!r}")
+    spec = f"/etc/selinux/{policy}/contexts/files/file_contexts"
+    if not guest.exists(spec) or guest.is_symlink(spec) or guest.is_dir(spec):
+        raise GuestfsError(f"the guest enables SELinux but has no {spec}")
+    return spec
+
+
+def selinux_label(guest: Guest, paths: Sequence[str]) -> str | None:
+    """Label ``paths`` (recursively) as the guest's own policy says, after they are
+    written: files written through libguestfs carry no label (the appliance runs no
+    policy), and an enforcing guest refuses unlabelled unit files and executables.
+
+    Uses the appliance's ``setfiles`` when it has one, else the guest's own (run by
+    libguestfs inside its appliance, chrooted into the guest). Returns the
+    ``file_contexts`` used, or None when the guest has no SELinux enabled."""
+    spec = selinux_file_contexts(guest)
+    if spec is None:
+        return None
+    for path in paths:
+        if not path.startswith("/") or "\n" in path or "\0" in path:
+            raise ValueError(f"not an absolute guest path: {path!r}")
+    try:
+        if guest.g.feature_available(["selinuxrelabel"]):
+            for path in paths:
+                guest.g.selinux_relabel(spec, path, force=True)
+            return spec
+        setfiles = next((p for p in GUEST_SETFILES if guest.exists(p) and not guest.is_dir(p)), None)
+        if setfiles is None:
+            raise GuestfsError("the guest enables SELinux but has no setfiles to label imgprep's files")
+        # -F: set the whole context (user, role, type), not only the type
+        guest.g.command([setfiles, "-F", spec, *paths])
+    except RuntimeError as exc:
+        raise GuestfsError(f"labelling {', '.join(paths)} for SELinux failed: {str(exc)[:500]}") from None
+    log.info("labelled %s with %s", " ".join(paths), spec)
+    return spec
 
 
 @contextlib.contextmanager

@@ -46,6 +46,12 @@ TRANSIENT_MACHINE_ID = "0a1b2c3d4e5f60718293a4b5c6d7e8f9"
 HOOK_DIR = "/etc/imgprep/prepare.d"
 KEYGEN_UNIT = "/etc/systemd/system/ssh-hostkeys-firstboot.service"
 KEYGEN_WANTS = "/etc/systemd/system/multi-user.target.wants/ssh-hostkeys-firstboot.service"
+IDENTITY_UNIT = "/etc/systemd/system/host-identities-firstboot.service"
+IDENTITY_WANTS = "/etc/systemd/system/multi-user.target.wants/host-identities-firstboot.service"
+ISCSI_NAME = "/etc/iscsi/initiatorname.iscsi"
+# Stand-ins for the tools the first-boot unit calls (nvme-cli, ssl-cert, zfsutils).
+IDENTITY_TOOLS = ("/usr/sbin/nvme", "/usr/sbin/make-ssl-cert", "/usr/sbin/zgenhostid")
+RHEL_UNITS = ("/usr/lib/systemd/system/iscsi-init.service", "/usr/lib/systemd/system/httpd-init.service")
 JOURNAL_DIR = f"/var/log/journal/{PROTOTYPE_ID}"
 IFCFG = "/etc/sysconfig/network-scripts/ifcfg-eth0"
 IFCFG_TEXT = 'DEVICE=eth0\nBOOTPROTO=dhcp\nHWADDR="52:54:00:12:34:56"\nONBOOT=yes\n'
@@ -136,6 +142,25 @@ REMOVED = frozenset(
         "/var/tmp/systemd-private-abc-chrony.service-XYZ",
         "/var/tmp/.cache",
         "/var/lib/consul/node-id",  # removed by the documented example hook
+        # host identities generated at install time
+        "/etc/nvme/hostnqn",
+        "/etc/nvme/hostid",
+        "/etc/ssl/private/ssl-cert-snakeoil.key",
+        "/etc/ssl/certs/ssl-cert-snakeoil.pem",
+        "/etc/cockpit/ws-certs.d/0-self-signed.cert",
+        "/etc/salt/minion_id",
+        "/etc/salt/pki/minion/minion.pem",
+        "/etc/salt/pki/minion/minion.pub",
+        "/etc/puppetlabs/puppet/ssl/private_keys",
+        "/etc/puppetlabs/puppet/ssl/certs",
+        "/var/lib/puppet/ssl/certs",
+        "/etc/chef/client.pem",
+        "/etc/pki/consumer/cert.pem",
+        "/etc/pki/consumer/key.pem",
+        "/etc/pki/entitlement/7134.pem",
+        "/etc/pki/entitlement/7134-key.pem",
+        "/etc/sysconfig/rhn/systemid",
+        "/etc/hostid",
     }
 )
 CLOUD_STATE = frozenset(
@@ -161,8 +186,8 @@ TRUNCATED = frozenset(
     }
 )
 # Paths whose content the script changes in place, or that it replaces.
-CHANGED = frozenset({"/etc/machine-id", "/var/lib/dbus/machine-id", "/etc/hostname", IFCFG})
-ADDED = frozenset({KEYGEN_UNIT, KEYGEN_WANTS})
+CHANGED = frozenset({"/etc/machine-id", "/var/lib/dbus/machine-id", "/etc/hostname", IFCFG, ISCSI_NAME})
+ADDED = frozenset({KEYGEN_UNIT, KEYGEN_WANTS, IDENTITY_UNIT, IDENTITY_WANTS})
 # Must survive byte for byte (the inventory check covers the rest of the tree too).
 CONTROLS = frozenset(
     {
@@ -186,6 +211,13 @@ CONTROLS = frozenset(
         "/var/lib/NetworkManager/NetworkManager.state",
         f"{HOOK_DIR}/15-not-executable",
         "/var/log/journal",
+        "/etc/iscsi/iscsid.conf",
+        "/etc/salt/minion",
+        "/etc/salt/pki/minion/minion_master.pub",
+        "/etc/puppetlabs/puppet/ssl",
+        "/etc/puppetlabs/puppet/puppet.conf",
+        "/etc/chef/validation.pem",
+        "/etc/pki/tls/private/localhost.key",  # no httpd-init.service: nothing would regenerate it
         "/tmp",
         "/var/tmp",
     }
@@ -242,7 +274,7 @@ def seed(root: Path) -> None:
     users = _ids(root, "passwd")
     groups = _ids(root, "group")
     # Restore what an earlier scenario's run removed or installed.
-    for rel in (KEYGEN_WANTS, KEYGEN_UNIT, FAKE_CLOUD_INIT, f"{HOOK_DIR}/30-fail"):
+    for rel in (KEYGEN_WANTS, KEYGEN_UNIT, IDENTITY_WANTS, IDENTITY_UNIT, FAKE_CLOUD_INIT, f"{HOOK_DIR}/30-fail"):
         path = root / rel.lstrip("/")
         if path.is_symlink() or path.exists():
             path.unlink()
@@ -345,6 +377,35 @@ def seed(root: Path) -> None:
     _put(root, "/var/tmp/.cache", "")
     _put(root, "/var/lib/etcd/member/snap/db", b"etcd data: not the script's business")
     _put(root, "/var/lib/consul/node-id", "c1d2e3f4-prototype-node\n")
+
+    _put(root, ISCSI_NAME, "InitiatorName=iqn.1993-08.org.debian:01:5e1f0c2a9b7d\n", 0o600)
+    _put(root, "/etc/iscsi/iscsid.conf", "node.startup = manual\n", 0o600)
+    _put(root, "/etc/nvme/hostnqn", "nqn.2014-08.org.nvmexpress:uuid:4f1c0b9e-2d7a-4c6b-8e3f-5a1d2c9b7e60\n")
+    _put(root, "/etc/nvme/hostid", "4f1c0b9e-2d7a-4c6b-8e3f-5a1d2c9b7e60\n")
+    _put(root, "/etc/ssl/private/ssl-cert-snakeoil.key", "PRIVATE snakeoil\n", 0o640)
+    _put(root, "/etc/ssl/certs/ssl-cert-snakeoil.pem", "CERT snakeoil\n")
+    _put(root, "/etc/pki/tls/private/localhost.key", "PRIVATE localhost\n", 0o600)
+    _put(root, "/etc/cockpit/ws-certs.d/0-self-signed.cert", "CERT cockpit\n")
+    _put(root, "/etc/salt/minion", "master: salt.example\n")
+    _put(root, "/etc/salt/minion_id", "imgprep-proto\n")
+    _put(root, "/etc/salt/pki/minion/minion.pem", "PRIVATE salt\n", 0o400)
+    _put(root, "/etc/salt/pki/minion/minion.pub", "PUBLIC salt\n")
+    _put(root, "/etc/salt/pki/minion/minion_master.pub", "PUBLIC master\n")
+    _put(root, "/etc/puppetlabs/puppet/puppet.conf", "[main]\nserver = puppet\n")
+    _put(root, "/etc/puppetlabs/puppet/ssl/private_keys/imgprep-proto.pem", "PRIVATE puppet\n", 0o640)
+    _put(root, "/etc/puppetlabs/puppet/ssl/certs/imgprep-proto.pem", "CERT puppet\n")
+    (root / "etc/puppetlabs/puppet/ssl").chmod(0o771)
+    _put(root, "/var/lib/puppet/ssl/certs/ca.pem", "CERT ca\n")
+    _put(root, "/etc/chef/client.pem", "PRIVATE chef client\n", 0o600)
+    _put(root, "/etc/chef/validation.pem", "PRIVATE chef validator\n", 0o600)
+    _put(root, "/etc/pki/consumer/cert.pem", "CERT consumer\n")
+    _put(root, "/etc/pki/consumer/key.pem", "PRIVATE consumer\n", 0o600)
+    _put(root, "/etc/pki/entitlement/7134.pem", "CERT entitlement\n")
+    _put(root, "/etc/pki/entitlement/7134-key.pem", "PRIVATE entitlement\n", 0o600)
+    _put(root, "/etc/sysconfig/rhn/systemid", "<systemid/>\n", 0o600)
+    _put(root, "/etc/hostid", b"\xde\xad\xbe\xef")
+    for tool in IDENTITY_TOOLS:
+        _put(root, tool, "#!/bin/sh\nexit 0\n", 0o755)
 
     _put(root, f"{HOOK_DIR}/10-first", HOOK_FIRST, 0o755)
     _put(root, f"{HOOK_DIR}/15-not-executable", HOOK_NOT_EXECUTABLE, 0o644)
@@ -572,6 +633,15 @@ def assert_cleaned(run: Run) -> None:
     assert after[KEYGEN_WANTS].kind == "symlink"
     assert after[KEYGEN_WANTS].content == KEYGEN_UNIT
 
+    # Host identities: Debian's open-iscsi regenerates a name from GenerateName=yes,
+    # the rest is removed and regenerated by the first-boot unit or its daemon.
+    iscsi = after[ISCSI_NAME]
+    assert (iscsi.kind, iscsi.mode) == ("file", 0o600)
+    assert "iscsi-initiatorname: /etc/iscsi/initiatorname.iscsi set to 'GenerateName=yes'" in run.result.stdout
+    assert after[IDENTITY_WANTS].kind == "symlink"
+    assert after[IDENTITY_WANTS].content == IDENTITY_UNIT
+    assert after["/etc/puppetlabs/puppet/ssl"].mode == 0o771
+
 
 def assert_keygen_unit(run: Run) -> None:
     unit = run.keygen_unit
@@ -597,6 +667,22 @@ def assert_only_expected_changes(run: Run) -> None:
         )
     }
     assert unexpected == {}
+
+
+def assert_identity_unit(root: Path) -> None:
+    unit = _read(root, IDENTITY_UNIT)
+    assert unit is not None
+    assert "ExecStart=/bin/sh -c 'test -s /etc/nvme/hostnqn || " in unit
+    assert "make-ssl-cert generate-default-snakeoil'\n" in unit
+    assert "ExecStart=/bin/sh -c 'test -e /etc/hostid || zgenhostid'\n" in unit
+    assert "Before=multi-user.target nvmf-autoconnect.service" in unit
+    assert " nginx.service " in unit
+    assert "WantedBy=multi-user.target\n" in unit
+    assert "imgprep-" not in IDENTITY_UNIT
+    iscsi = _read(root, ISCSI_NAME)
+    assert iscsi is not None
+    assert iscsi.endswith("\nGenerateName=yes\n")
+    assert "InitiatorName=" not in iscsi
 
 
 def assert_hooks(run: Run, find: str) -> None:
@@ -629,6 +715,11 @@ def test_dash_run_cleans_every_operation(dash_run: Run) -> None:
     assert "machine-id: unmounted the transient id" in dash_run.result.stdout
 
 
+def test_dash_run_resets_host_identities(dash_run: Run, tree: Path) -> None:
+    assert_succeeded(dash_run)
+    assert_identity_unit(tree)
+
+
 def test_dash_run_changes_nothing_else(dash_run: Run) -> None:
     assert_only_expected_changes(dash_run)
 
@@ -648,6 +739,12 @@ OPERATIONS = (
     "dbus-machine-id",
     "random-seed",
     "systemd-state",
+    "iscsi-initiatorname",
+    "nvme-hostnqn",
+    "tls-self-signed",
+    "config-management",
+    "hostid",
+    "host-identities-firstboot",
     "crash-data",
     "hostname",
     "dhcp-client-state",
@@ -684,10 +781,13 @@ def test_keygen_unit_passes_systemd_analyze_verify(tree: Path) -> None:
     requires("systemd-analyze")
     analyze = "systemd-analyze"
     assert_succeeded(seeded_run(tree))
-    name = KEYGEN_UNIT.rsplit("/", 1)[1]
-    verify = subprocess.run([analyze, "verify", f"--root={tree}", name], capture_output=True, text=True, check=False)
-    assert verify.returncode == 0, verify.stderr
-    assert verify.stderr == ""
+    for unit in (KEYGEN_UNIT, IDENTITY_UNIT):
+        name = unit.rsplit("/", 1)[1]
+        verify = subprocess.run(
+            [analyze, "verify", f"--root={tree}", name], capture_output=True, text=True, check=False
+        )
+        assert verify.returncode == 0, verify.stderr
+        assert verify.stderr == ""
 
 
 def test_second_run_changes_nothing(tree: Path) -> None:
@@ -698,6 +798,26 @@ def test_second_run_changes_nothing(tree: Path) -> None:
     assert differences(first.after, inventory(tree)) == {}
     assert "already installed and enabled" in second.stdout
     assert "/etc/machine-id already 'uninitialized'" in second.stdout
+    assert "iscsi-initiatorname: /etc/iscsi/initiatorname.iscsi already 'GenerateName=yes'" in second.stdout
+    assert "host-identities-firstboot: /etc/systemd/system/host-identities-firstboot.service already" in second.stdout
+
+
+def test_rhel_family_identities_are_removed_for_their_init_units(tree: Path) -> None:
+    """With iscsi-init.service and httpd-init.service (RHEL family) the initiator name
+    and mod_ssl's localhost pair are removed: those units regenerate missing files."""
+    seed(tree)
+    for unit in RHEL_UNITS:
+        _put(tree, unit, "[Service]\nType=oneshot\nExecStart=/bin/true\n")
+    try:
+        result = run_script(tree)
+    finally:
+        for unit in RHEL_UNITS:
+            (tree / unit.lstrip("/")).unlink()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tree / ISCSI_NAME.lstrip("/")).exists()
+    assert "removed /etc/iscsi/initiatorname.iscsi (iscsi-init.service regenerates it)" in result.stdout
+    assert not (tree / "etc/pki/tls/private/localhost.key").exists()
+    assert (tree / "etc/iscsi/iscsid.conf").exists()
 
 
 def test_busybox_ash_and_applets(tree: Path) -> None:
