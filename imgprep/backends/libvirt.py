@@ -38,7 +38,7 @@ from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientEr
 from imgprep.export import ExportResult, export_disk
 from imgprep.guestchannel import SocketChannel, prepare_socket_dir, socket_path
 from imgprep.leftovers import check_clean
-from imgprep.libguestfs import open_guest
+from imgprep.libguestfs import open_guest, selinux_label
 from imgprep.run import run
 from imgprep.workflow import Engine, Step
 
@@ -141,6 +141,7 @@ class LibvirtState(JobState):
     injected: list[str] = dataclasses.field(default_factory=list)
     guest_os: dict[str, str] | None = None
     channel_bytes: int = 0  # what the guest wrote on its channel during the prepare boot
+    selinux_file_contexts: str | None = None  # the guest's file_contexts the injection was labelled with
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
@@ -386,6 +387,10 @@ class LibvirtBackend(Backend[LibvirtState]):
                     guest.symlink(f.link, f.path)
                 else:
                     guest.write(f.path, f.data, f.mode)
+            # an enforcing guest's policy may refuse unlabelled units and executables: label
+            # what was written with the guest's own file contexts (None: SELinux is off)
+            written = [artifacts.PREFIX, artifacts.UNIT_PATH, link] + ([] if wants_dir_exists else [wants_dir])
+            self.state.selinux_file_contexts = selinux_label(guest, written)
 
     def boot_prepare(self) -> None:
         dom = self._domain()
