@@ -24,9 +24,10 @@ import pytest
 from imgprep.backends.smartos.node import Node as SshNode
 from imgprep.backends.smartos.node import ZoneFile
 from imgprep.errors import CommandError
+from imgprep.jobstore import JobStore
 from imgprep.ssh import SshTarget
 from tests.simulator.node import tree_digest
-from tests.smartos.conftest import Node
+from tests.smartos.conftest import Node, summary
 
 REPO = Path(__file__).resolve().parents[2]
 NAIVE_WRITER = (REPO / "tests/data/zone-write-checked-then-used.sh").read_text()
@@ -215,3 +216,42 @@ def test_readlink_follows_directories_inside_the_zone_only(ssh_node: SshNode, zo
     (root / "sbin").symlink_to("/usr/sbin")
     assert ssh_node.readlink(str(root), "sbin/init") == "/lib/systemd/systemd"
     assert ssh_node.readlink(str(root), "usr/sbin") == ""  # a directory, not a link
+
+
+# --- the zone started while imgprep writes ---------------------------------------------
+
+
+def test_a_zone_started_during_inject_is_halted_and_rolled_back(sim: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    uuid = sim.zone()
+    before = tree_digest(sim.node.zonepath(uuid))
+    real = SshNode.write_zone_file
+
+    def ignore(_data: bytes) -> None:
+        pass
+
+    def write_then_start(self: SshNode, root: str, f: ZoneFile) -> None:
+        real(self, root, f)
+        if f.rel.endswith("/armed"):  # the owner starts the zone through the cloud API
+            assert sim.node.execute(["vmadm", "start", uuid], lambda: b"", ignore, ignore, lambda: None) == 0
+
+    monkeypatch.setattr(SshNode, "write_zone_file", write_then_start)
+
+    code, out, _err = sim.create(uuid)
+
+    assert code == 1
+    job = JobStore(sim.state_dir).get(summary(out)["job_uuid"])
+    assert job["error"]["code"] == "VmRunning"
+    assert "started while imgprep wrote" in job["error"]["message"]
+    assert job["vm_restored"] is True
+    assert ["vmadm", "stop", "-F", uuid] in sim.node.commands
+    assert tree_digest(sim.node.zonepath(uuid)) == before
+    assert sim.node.state(uuid) == "stopped"
+
+
+def test_control_a_zone_left_alone_during_inject_is_prepared(sim: Node) -> None:
+    uuid = sim.zone()
+
+    code, _out, err = sim.create(uuid)
+
+    assert code == 0, err
+    assert ["vmadm", "stop", "-F", uuid] not in sim.node.commands

@@ -436,8 +436,11 @@ class SmartosBackend(Backend[SmartosState]):
         for f in files:  # the armed file is last: a partial injection never runs
             node.write_zone_file(root, f)
         if self._vm().get("state") != "stopped":  # nothing stops a `vmadm start` meanwhile: look again
+            log.warning("zone %s was started while imgprep wrote into its root; halting it", self.state.vm_name)
+            self._run(["vmadm", "stop", "-F", self._uuid])  # it would run the armed service outside the job
+            self._wait_state("stopped", 60)
             raise ImgprepError(
-                "the zone was started while imgprep wrote into its root; not booting it armed", code="VmRunning"
+                "the zone was started while imgprep wrote into its root; halted, to be rolled back", code="VmRunning"
             )
         # The contract's keys must start empty (imgadm does the same before its boot).
         update = {"remove_customer_metadata": [STATE_KEY, ERROR_KEY, REPORT_KEY, LOG_KEY]}

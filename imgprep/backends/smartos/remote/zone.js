@@ -206,6 +206,10 @@ function locate(root, rel) {
     return walk(root, rootSt, parts) ? name : null;
 }
 
+process.on('uncaughtException', function (e) {
+    fail(e.message); // one line (e.g. a name created by the zone between lstat and mkdir)
+});
+
 var command = args[0];
 if (command === 'write' && (args.length === 5 || args.length === 6)) {
     write(args[1], args[2], parseInt(args[3], 8), parseInt(args[4], 8), args[5] || '');
