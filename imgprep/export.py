@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -24,8 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imgprep.compress import STREAM_COMPRESSIONS, CompressingWriter, compress_file
+from imgprep.errors import ImgprepError
 from imgprep.outputfiles import create_private, publish, workdir
-from imgprep.run import Cancellable, stream
+from imgprep.run import Cancellable, run, stream
 
 __all__ = ["STREAM_COMPRESSIONS", "CompressingWriter", "ExportResult", "export_disk", "output_name"]
 
@@ -107,6 +109,19 @@ def _compress_stream(
         out.flush()
         os.fsync(out.fileno())
     return result
+
+
+def export_need(source: Path, compression: str) -> int:
+    """Bytes the export of ``source`` may take in the output directory, from what the
+    disk holds now (``qemu-img measure``: its allocated data, backing chain included;
+    internal snapshots not counted, the export does not carry them). gzip and xz hold
+    the sparse raw copy and the compressed file at once: twice that."""
+    out = run(["qemu-img", "measure", "--force-share", "--output=json", "-O", "qcow2", str(source)]).stdout
+    try:
+        required = int(json.loads(out)["required"])
+    except (ValueError, KeyError, TypeError):
+        raise ImgprepError(f"qemu-img measure {source}: unexpected output", code="CommandFailed") from None
+    return required if compression in ("zstd", "none") else 2 * required
 
 
 def export_disk(

@@ -137,6 +137,7 @@ PROBES: dict[str, Callable[[], str | None]] = {
     "dash": _tool("dash", "dash"),
     "ksh93": _tool("ksh93", "ksh"),
     "shellcheck": _tool("shellcheck", "shellcheck"),
+    "node": _tool("node", "nodejs"),  # runs the SmartOS backend's remote/zone.js in the simulator
 }
 
 

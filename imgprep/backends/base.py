@@ -292,16 +292,28 @@ class Backend(abc.ABC, Generic[S]):
 
     def check_free_space(self, need: int, problems: list[str]) -> None:
         """Validation: the output directory must hold ``need`` bytes (the worst case)."""
+        problem = self._free_space_problem(need)
+        if problem:
+            problems.append(problem)
+
+    def check_free_space_before_export(self, need: int) -> None:
+        """Export, again: the guest may have filled its disk during the prepare boot, so
+        ``need`` is measured on what the disk holds now; raises if it does not fit."""
+        problem = self._free_space_problem(need)
+        if problem:
+            raise ImgprepError(f"{problem} (measured after the prepare boot)", code="InsufficientSpace")
+
+    def _free_space_problem(self, need: int) -> str | None:
         output_dir = self.request.output_dir
         try:
             free = shutil.disk_usage(output_dir).free
         except OSError:
-            return  # the output directory check reports it
-        if free < need:
-            problems.append(
-                f"not enough free space in {output_dir}: the export may need {need // 2**20} MiB, "
-                f"{free // 2**20} MiB free"
-            )
+            return None  # the output directory check reports it
+        if free >= need:
+            return None
+        return (
+            f"not enough free space in {output_dir}: the export may need {need // 2**20} MiB, {free // 2**20} MiB free"
+        )
 
     def discard_output(self) -> None:
         """A job that did not succeed leaves no image: remove its (half-)written files."""

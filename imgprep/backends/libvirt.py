@@ -35,7 +35,7 @@ from imgprep.backends.base import Backend, JobState, StopTimeout, VmFacts
 from imgprep.channel import ChannelParser, GuestStatus
 from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
-from imgprep.export import ExportResult, export_disk
+from imgprep.export import ExportResult, export_disk, export_need
 from imgprep.guestchannel import SocketChannel, prepare_socket_dir, socket_path
 from imgprep.leftovers import check_clean
 from imgprep.libguestfs import open_guest, selinux_label
@@ -439,6 +439,8 @@ class LibvirtBackend(Backend[LibvirtState]):
         # the guest's "success" is its own claim: look for imgprep's files before publishing
         check_clean(disks, self.state.injected, force_tcg=self.config.libguestfs_tcg)
         boot_path, boot_format = disks[0]
+        # the guest may have filled its disk during the prepare boot: measure it again
+        self.check_free_space_before_export(export_need(boot_path, self.request.compression))
         last = [-1]
 
         def progress(pct: float) -> None:

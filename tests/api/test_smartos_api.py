@@ -33,6 +33,7 @@ from tests.api.conftest import (
     wait_for,
     wait_job,
 )
+from tests.capabilities import requires
 from tests.simulator import ComputeNode, SshSimulator
 from tests.smartos.conftest import ORIGIN_IMAGE, PROTOTYPE_FILES
 
@@ -74,6 +75,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    requires("node")  # the simulated /usr/node/bin/node is the host's
     tmp = tmp_path_factory.mktemp("smartos-api")
     client_key = paramiko.ECDSAKey.generate()
     client_key.write_private_key_file(str(tmp / "client_key"))

@@ -297,7 +297,9 @@ def test_export_target_fills_up(
     )
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={needed + (8 << 20)}", "tmpfs", str(small)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={needed + (8 << 20)},mode=0755", "tmpfs", str(small)], check=True
+    )
     try:
         job = start_job("--vm", prototype.uuid, "--output-dir", str(small), *TIMEOUTS)
         job.wait_step("wait_running")  # validation (free space) passed; now the disk fills up
@@ -306,8 +308,9 @@ def test_export_target_fills_up(
         result = job.finish()
         assert result.returncode == 1, result.stderr
         summary = result.summary
-        assert summary["error"]["code"] == "CommandFailed"
-        assert "No space left on device" in summary["error"]["message"]
+        # free space is checked again before export, against what the disk holds now
+        assert summary["error"]["code"] == "InsufficientSpace"
+        assert "not enough free space" in summary["error"]["message"]
         filler.unlink()
         assert_restored_exactly(prototype, reference, small)
     finally:
@@ -315,7 +318,7 @@ def test_export_target_fills_up(
     reliability(
         "export target full",
         "output filesystem filled during the prepare boot",
-        "export fails (ENOSPC); exit 1; restored, no partial file",
+        "refused before export (free space checked again); exit 1; restored, no partial file",
     )
 
 

@@ -37,7 +37,8 @@ What is modelled, after the manual pages (vmadm(8), zfs(8), imgadm(8)):
   ends. The zone halting itself (systemd powering off) ends the nspawn process and
   makes the zone ``stopped``; ``vmadm stop`` asks systemd to power off (nspawn's
   SIGTERM), ``vmadm stop -F`` kills the container's init at once.
-* ``/bin/sh`` runs locally (for the backend's constant helper scripts).
+* ``/bin/sh`` runs locally, and ``/usr/node/bin/node`` runs the host's ``node`` (for
+  the backend's constant zone script; the platform's node is older, the script is ES5).
 
 Every command received is logged (:attr:`ComputeNode.commands`).
 """
@@ -72,7 +73,8 @@ SMF_DATA = REPO / "tests" / "data" / "smf"
 POOL = "zones"
 STREAM_MAGIC = b"IMGPREP-SIMULATED-ZFS-SEND v1\n"
 MANIFEST_DIRS = ("lib/svc/manifest", "var/svc/manifest", "opt/local/lib/svc/manifest")
-READ_ONLY_SCRIPTS = {"imgprep-present", "imgprep-readlink"}
+NODE = shutil.which("node") or "node"  # runs the backend's remote/zone.js as /usr/node/bin/node
+READ_ONLY_ZONE_COMMANDS = {"present", "readlink"}
 MUTATING = {
     ("vmadm", "start"),
     ("vmadm", "stop"),
@@ -81,6 +83,7 @@ MUTATING = {
     ("zfs", "rollback"),
     ("zfs", "destroy"),
     ("/bin/sh", "-c"),
+    ("/usr/node/bin/node", "-e"),
 }
 
 
@@ -289,12 +292,13 @@ class ComputeNode:
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     def mutating_commands(self) -> list[list[str]]:
-        """Commands that may change the node. A ``sh -c`` script counts, except imgprep's
-        read-only helpers (``$0`` names them: they only test paths and read links)."""
+        """Commands that may change the node. A ``sh -c`` or ``node -e`` script counts,
+        except imgprep's read-only zone commands (``present``, ``readlink``: they only
+        look up names and read links)."""
         return [
             c
             for c in self.commands
-            if (tuple(c[:2]) in MUTATING and not set(c[3:4]) & READ_ONLY_SCRIPTS)
+            if (tuple(c[:2]) in MUTATING and not (c[3:4] == ["imgprep-zone"] and set(c[4:5]) & READ_ONLY_ZONE_COMMANDS))
             or (c[:1] == ["vmadm"] and "stop" in c)
         ]
 
@@ -370,6 +374,11 @@ class ComputeNode:
                 out = self._imgadm(argv[1:])
             elif prog == "sysinfo":
                 out = json.dumps(self.sysinfo, indent=2) + "\n"
+            elif prog == "/usr/node/bin/node":  # the platform's node: the host's
+                proc = subprocess.run([NODE, *argv[1:]], input=stdin(), capture_output=True, check=False)
+                stdout(proc.stdout)
+                stderr(proc.stderr)
+                return proc.returncode
             elif prog in ("sh", "/bin/sh", "/usr/bin/sh"):
                 proc = subprocess.run(["/bin/sh", *argv[1:]], input=stdin(), capture_output=True, check=False)
                 stdout(proc.stdout)

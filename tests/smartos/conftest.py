@@ -152,6 +152,7 @@ class Node:
 
 @pytest.fixture
 def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
+    requires("node")  # the simulated /usr/node/bin/node is the host's
     monkeypatch.setattr(SmartosBackend, "poll_interval", 0.05)
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     node = ComputeNode(tmp_path / "node")

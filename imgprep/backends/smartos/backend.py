@@ -16,8 +16,10 @@ scripts in ``remote/``), ``zfs`` (marked snapshots, the streamed export), ``imga
   the zone dataset and each delegated dataset. The user property marks the snapshot
   as this job's, so cleanup never destroys a snapshot it did not make;
 * inject: written under the zone root (``<zonepath>/root``) by a constant remote
-  ``sh`` script (``remote/write.sh``) that refuses to follow symlinks (the zone root is the guest's: a
-  planted symlink must not redirect a write as global-zone root):
+  script (``remote/zone.js``, on the platform's node) that walks it one directory entry
+  at a time and never follows a symlink (the zone root is the guest's: a planted or
+  swapped-in symlink must not redirect a write as global-zone root); the zone must be
+  stopped before and still stopped after the writes:
 
   - joyent/joyent-minimal: the SMF manifest, its method, the operator script;
   - lx: the systemd unit, its ``sysinit.target.wants`` link, the runner and the
@@ -371,7 +373,7 @@ class SmartosBackend(Backend[SmartosState]):
                 )
         if brand == "lx" and zonepath and not problems:
             root = f"{zonepath}/root"
-            init = node.readlink(f"{root}/{LX_INIT}")
+            init = node.readlink(root, LX_INIT)
             if not init.endswith("/systemd") or not node.present(root, ["etc/systemd/system"]):
                 problems.append(
                     f"lx zone {name} does not boot systemd (/{LX_INIT} is not a link to systemd); "
@@ -433,6 +435,13 @@ class SmartosBackend(Backend[SmartosState]):
         node, root = self._node(), self._zone_root()
         for f in files:  # the armed file is last: a partial injection never runs
             node.write_zone_file(root, f)
+        if self._vm().get("state") != "stopped":  # nothing stops a `vmadm start` meanwhile: look again
+            log.warning("zone %s was started while imgprep wrote into its root; halting it", self.state.vm_name)
+            self._run(["vmadm", "stop", "-F", self._uuid])  # it would run the armed service outside the job
+            self._wait_state("stopped", 60)
+            raise ImgprepError(
+                "the zone was started while imgprep wrote into its root; halted, to be rolled back", code="VmRunning"
+            )
         # The contract's keys must start empty (imgadm does the same before its boot).
         update = {"remove_customer_metadata": [STATE_KEY, ERROR_KEY, REPORT_KEY, LOG_KEY]}
         self._run(["vmadm", "update", self._uuid], input=json.dumps(update).encode())
@@ -531,6 +540,9 @@ class SmartosBackend(Backend[SmartosState]):
         self.persist()  # before creating it: the rollback must destroy it
         if not self._ours(dataset, zfs.FINAL_SNAPNAME):
             zfs.snapshot(self._node(), snap, self.record["uuid"])
+        # the zone may have filled its dataset during the prepare boot: the stream's size, now
+        estimate = zfs.send_size(self._node(), snap)
+        self.check_free_space_before_export(estimate)
         compression = self.request.compression
         dest = self.request.output_dir / f"{self.request.image_uuid}{zfs.FILE_SUFFIX[compression]}"
         t0 = time.monotonic()
@@ -540,6 +552,7 @@ class SmartosBackend(Backend[SmartosState]):
             dest,
             compression,
             image_uuid=self.request.image_uuid,
+            estimate=estimate,
             check_cancel=self.engine.cancel.check,
             progress=lambda pct: self.emit({"event": "progress", "step": "export", "percent": pct}),
         )

@@ -1,8 +1,12 @@
 """The compute node, as the SmartOS backend talks to it: commands over SSH, and files
-written under a zone root by constant remote scripts (``remote/*.sh``).
+under a zone root read and written by a constant remote script (``remote/zone.js``).
 
-The scripts are shipped as files; only their positional arguments vary, and those are
-quoted like every other argument (``SshClient`` joins argument lists with shlex).
+The script is shipped as a file and run by the platform's node (the global zone has
+no Python or Perl; vmadm itself runs on ``/usr/node/bin/node``); only its positional
+arguments vary, and those are quoted like every other argument (``SshClient`` joins
+argument lists with shlex). It walks the zone root one directory entry at a time and
+never follows a symlink out of it, even while a process in the zone swaps directories
+for symlinks (docs/smartos-backend.md).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from imgprep.errors import ImgprepError
 from imgprep.ssh import SshClient, SshTarget
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
+NODE = "/usr/node/bin/node"  # the platform's node (SmartOS ships it for vmadm)
 
 
 @cache
 def remote_script(name: str) -> str:
-    """The text of ``remote/<name>.sh`` (run as ``/bin/sh -c TEXT imgprep-<name> ARGS...``)."""
-    return (REMOTE_DIR / f"{name}.sh").read_text()
+    """The text of ``remote/<name>`` (``zone.js`` runs as ``node -e TEXT imgprep-zone ARGS...``)."""
+    return (REMOTE_DIR / name).read_text()
 
 
 @dataclass(frozen=True)
@@ -76,21 +81,26 @@ class Node:
         except ValueError:
             raise ImgprepError(f"{' '.join(argv)}: the node answered non-JSON output", code="BadNodeOutput") from None
 
-    def script(self, name: str, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        return self.run(["/bin/sh", "-c", remote_script(name), f"imgprep-{name}", *args], input=input)
+    def zone_script(self, command: str, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        """``remote/zone.js COMMAND ARGS...`` on the node."""
+        return self.run([NODE, "-e", remote_script("zone.js"), "imgprep-zone", command, *args], input=input)
 
-    # --- under a zone root (never following a symlink the zone planted) -------------
+    # --- under a zone root (never leaving it, whatever the zone swaps meanwhile) ------
 
     def write_zone_file(self, root: str, f: ZoneFile) -> None:
         args = [root, f.rel, f.mode, f.dirmode]
-        self.script("write", *([*args, f.link] if f.link else args), input=f.data)
+        self.zone_script("write", *([*args, f.link] if f.link else args), input=f.data)
 
     def present(self, root: str, rels: Sequence[str]) -> list[str]:
-        """The paths under ``root`` that exist (a dangling symlink counts)."""
-        out = self.script("present", *[f"{root}/{rel}" for rel in rels]).stdout
+        """The paths ``root/rel`` that exist (a dangling symlink counts), symlinks on the
+        way resolved as the zone sees them: never into the global zone."""
+        if not rels:
+            return []
+        out = self.zone_script("present", root, *rels).stdout
         return [line for line in out.splitlines() if line]
 
-    def readlink(self, path: str) -> str:
-        """The target of the symlink ``path`` ("" if it is none); never follows it."""
-        listing = self.script("readlink", path).stdout
-        return listing.rpartition(" -> ")[2].strip() if " -> " in listing else ""
+    def readlink(self, root: str, rel: str) -> str:
+        """The target of the symlink ``root/rel`` ("" if it is none), its directories
+        resolved inside the zone root; never follows the link itself."""
+        out = self.zone_script("readlink", root, rel).stdout
+        return out[:-1] if out.endswith("\n") else out

@@ -54,7 +54,8 @@ def ours(snaps: dict[str, str], name: str, job_uuid: str) -> bool:
 
 
 def send_size(node: Node, snap: str) -> int:
-    """``zfs send -nP``'s estimate of the stream size (for the progress bar only)."""
+    """``zfs send -nP``'s estimate of the stream size (the progress bar, the free-space
+    check before export); 0 if the node gives none."""
     try:
         out = node.run(["zfs", "send", "-nP", snap]).stdout
     except CommandError as exc:
@@ -71,13 +72,14 @@ def receive(
     compression: str,
     *,
     image_uuid: str,
+    estimate: int | None = None,
     check_cancel: Callable[[], None],
     progress: Callable[[float], None],
 ) -> tuple[ExportResult, int]:
     """``zfs send`` of ``snap`` streamed back, compressed and hashed on the fly, into
     ``dest`` (a new 0600 file in a private directory beside it, renamed into place when
-    complete); (result, stream bytes)."""
-    estimate = send_size(node, snap)
+    complete); (result, stream bytes). ``estimate``: ``send_size`` if already asked."""
+    estimate = send_size(node, snap) if estimate is None else estimate
     with workdir(dest.parent, image_uuid) as tmp:
         partial = tmp / dest.name
         size, sha1, sha256, received = _receive(

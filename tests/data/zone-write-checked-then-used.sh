@@ -1,3 +1,8 @@
+# TEST CONTROL ONLY: the SmartOS backend's previous zone-root writer, which checks each
+# path component and then uses the path again, so a zone process swapping a directory
+# for a symlink in between redirects it (tests/smartos/test_zone_race.py shows it).
+# The backend uses imgprep/backends/smartos/remote/zone.js.
+#
 # write: $1 zone root, $2 path relative to it, $3 octal mode, $4 octal mode of the
 # directories it creates, $5 (optional) a symlink target: make a symlink instead of
 # a file. A file's content comes on stdin. Refuses any existing component that is a
