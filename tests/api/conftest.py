@@ -191,10 +191,10 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT_TIMEOUT)
         time.sleep(0.05)
 
 
-def wait_job(client: httpx.Client, job_uuid: str, *executions: str) -> dict[str, Any]:
+def wait_job(client: httpx.Client, job_uuid: str, *executions: str, timeout: float = WAIT_TIMEOUT) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         job: dict[str, Any] = client.get(f"/jobs/{job_uuid}").json()
         return job if job["execution"] in executions else None
 
-    result: dict[str, Any] = wait_for(f"job {job_uuid} to be {'/'.join(executions)}", probe)
+    result: dict[str, Any] = wait_for(f"job {job_uuid} to be {'/'.join(executions)}", probe, timeout)
     return result

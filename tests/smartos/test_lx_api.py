@@ -28,7 +28,8 @@ def test_lx_zone_through_the_api(cluster: Cluster, client: httpx.Client, lx_tree
     response = create(client, vm, {"name": "lx", "version": "1.0.0"})
     assert response.status_code == 200, response.text
     image_uuid = response.json()["image_uuid"]
-    job = wait_job(client, response.json()["job_uuid"], "succeeded", "failed", "canceled")
+    # a real systemd boot in nspawn and a zfs send of the whole tree: minutes on a loaded host
+    job = wait_job(client, response.json()["job_uuid"], "succeeded", "failed", "canceled", timeout=900)
 
     assert job["execution"] == "succeeded", job.get("error")
     assert job["params"]["script_name"] == "linux-prepare-image"
