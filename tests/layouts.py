@@ -17,10 +17,6 @@ mounted on the host. Layouts:
 ``selinux``
     BIOS + GRUB, GPT, root ext4, SELinux enforcing (``selinux=1 security=selinux
     enforcing=1``), the filesystem labelled with the guest's own ``file_contexts``.
-``cloud``
-    A cloud image as diskimage-builder's ``vm`` element lays it out: MBR, one ext4
-    partition labelled ``cloudimg-rootfs``, GRUB (BIOS), cloud-init with the NoCloud and
-    ConfigDrive datasources, no SSH host keys, never booted.
 
 Each is cached under ``<cache>/layouts/<name>-<recipe hash>``; the debootstrapped tree is
 cached once for all of them. ``python -m tests.layouts build NAME`` prints the directory.
@@ -72,7 +68,7 @@ mount -t proc proc "$root/proc"
 chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
     sh -c 'apt-get update -q && apt-get install -y -q --no-install-recommends "$@" && apt-get clean' apt "$@"
 """
-LAYOUTS = ("bios-lvm-xfs", "uefi-btrfs", "selinux", "cloud")
+LAYOUTS = ("bios-lvm-xfs", "uefi-btrfs", "selinux")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 DISK_SIZE = 3 * 1024**3
@@ -91,7 +87,6 @@ GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
 GRUB_DISABLE_OS_PROBER=true
 """
 SELINUX_CONFIG = "SELINUX=enforcing\nSELINUXTYPE=default\n"
-CLOUD_DATASOURCES = "datasource_list: [ NoCloud, ConfigDrive, None ]\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +126,7 @@ def layout_key(name: str) -> str:
         "tree": tree_key(),
         "name": name,
         "size": DISK_SIZE,
-        "files": [GRUB_DEFAULT, CMDLINE, SELINUX_CMDLINE, SELINUX_CONFIG, CLOUD_DATASOURCES],
+        "files": [GRUB_DEFAULT, CMDLINE, SELINUX_CMDLINE, SELINUX_CONFIG],
         "code": [inspect.getsource(f) for f in (builder, _install_tree, _grub, _launch)],
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -157,7 +152,7 @@ def build_tree() -> Path:
         _run(["unshare", "--mount", "--fork", "--", "sh", "-c", APT_IN_TREE, "apt", str(rootfs), *APT_PACKAGES])
         _customize(rootfs)
         # Generated at install time by openssh-server: the prototype's host keys stay
-        # (a real prototype has them). The cloud layout removes them (never booted).
+        # (a real prototype has them).
         tarball = work / "tree.tar"
         _run(["tar", "-C", str(rootfs), "--xattrs", "--xattrs-include=*", "--acls", "-cf", str(tarball), "."])
         tarball.chmod(0o644)
@@ -290,28 +285,10 @@ def _selinux(g: Any, tree: Path) -> str:
     return "bios"
 
 
-def _cloud(g: Any, tree: Path) -> str:
-    dev = "/dev/sda"
-    g.part_init(dev, "mbr")
-    g.part_add(dev, "p", 2048, -1)
-    g.part_set_bootable(dev, 1, True)
-    g.mkfs("ext4", "/dev/sda1", label="cloudimg-rootfs")
-    g.mount("/dev/sda1", "/")
-    _install_tree(g, tree, "LABEL=cloudimg-rootfs / ext4 defaults 0 1\n", CMDLINE)
-    g.write("/etc/cloud/cloud.cfg.d/91-dib-cloud-init-datasources.cfg", CLOUD_DATASOURCES.encode())
-    # An image builder ships no host keys, no machine-id, no hostname of its own.
-    for key in g.glob_expand("/etc/ssh/ssh_host_*"):
-        g.rm(key)
-    g.write("/etc/hostname", b"localhost\n")
-    _grub(g, ["--target=i386-pc", dev])
-    return "bios"
-
-
 BUILDERS: dict[str, Callable[[Any, Path], str]] = {
     "bios-lvm-xfs": _bios_lvm_xfs,
     "uefi-btrfs": _uefi_btrfs,
     "selinux": _selinux,
-    "cloud": _cloud,
 }
 
 
