@@ -96,8 +96,11 @@ class Guest:
 
 
 @contextlib.contextmanager
-def open_guest(disks: Sequence[tuple[Path, str]], *, readonly: bool, force_tcg: bool) -> Iterator[Guest]:
-    """Launch the appliance over ``disks`` (path, format), inspect, mount the OS.
+def open_guest(
+    disks: Sequence[tuple[Path, str]], *, readonly: bool, force_tcg: bool, nbd_socket: Path | None = None
+) -> Iterator[Guest]:
+    """Launch the appliance over ``disks`` (path, format), or over the raw NBD export on
+    the unix socket ``nbd_socket`` (:mod:`imgprep.nbdssh`), inspect, mount the OS.
 
     Every filesystem the guest's fstab names must mount: a guest with ``/var`` on its own
     filesystem that did not mount would get its files written under the root filesystem's
@@ -109,6 +112,8 @@ def open_guest(disks: Sequence[tuple[Path, str]], *, readonly: bool, force_tcg: 
     try:
         for path, fmt in disks:
             g.add_drive_opts(str(path), format=fmt, readonly=readonly)
+        if nbd_socket is not None:
+            g.add_drive_opts("", format="raw", readonly=readonly, protocol="nbd", server=[f"unix:{nbd_socket}"])
         try:
             g.launch()
         except RuntimeError as exc:

@@ -1,0 +1,195 @@
+"""A remote block device (an HVM guest's zvol on a compute node) opened on the imgprep
+host over SSH, for libguestfs: never mounted by the node, never mounted by this host.
+
+    qemu-nbd --socket S 'json:{"driver": "raw", "file": {"driver": "ssh", ...}}'
+
+QEMU's ``ssh`` block driver reads and writes the device over SFTP. Its host key is
+pinned: imgprep has verified the node's key with paramiko (known_hosts, like every
+other connection of the backend) and QEMU is given that key's SHA-256 (``host-key-check``
+``mode=hash``), so a node whose key changed in between is refused by QEMU too.
+QEMU (libssh) authenticates only through an ssh-agent: a private ``ssh-agent`` holds
+the node's identity file for the time of the export, and QEMU runs with a private,
+empty ``HOME`` (libssh reads no ``~/.ssh/config`` or known_hosts of the user's).
+
+libguestfs then attaches ``nbd`` over the unix socket ``S``
+(:func:`imgprep.libguestfs.open_guest`'s ``nbd_socket``): its appliance mounts the
+guest filesystem inside its own VM.
+
+A route through ``ProxyJump`` hosts is not supported here yet: :func:`open_remote_disk`
+refuses it (the direct node only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+
+from imgprep.errors import ImgprepError, MissingDependency, NotSupported
+
+log = logging.getLogger(__name__)
+
+QEMU_NBD = "qemu-nbd"
+START_TIMEOUT = 60.0
+
+
+def host_key_sha256_hex(key: paramiko.PKey) -> str:
+    """What QEMU's ``host-key-check`` ``type=sha256`` compares: SHA-256 of the key blob, hex."""
+    return hashlib.sha256(key.asbytes()).hexdigest()
+
+
+def ssh_json(*, host: str, port: int, user: str, path: str, host_key: paramiko.PKey) -> str:
+    """The ``json:`` pseudo-filename of the remote device (raw format on an ssh file)."""
+    spec = {
+        "driver": "raw",
+        "file": {
+            "driver": "ssh",
+            "server": {"host": host, "port": str(port)},
+            "user": user,
+            "path": path,
+            "host-key-check": {"mode": "hash", "type": "sha256", "hash": host_key_sha256_hex(host_key)},
+        },
+    }
+    return "json:" + json.dumps(spec, sort_keys=True)
+
+
+def _need(program: str) -> str:
+    found = shutil.which(program)
+    if found is None:
+        raise MissingDependency(
+            f"{program} is needed to open an HVM guest's disk over SSH (Debian: qemu-utils, openssh-client)"
+        )
+    return found
+
+
+@contextlib.contextmanager
+def _agent(directory: Path, key_file: Path) -> Iterator[dict[str, str]]:
+    """A private ssh-agent holding ``key_file``; yields the environment that reaches it."""
+    sock = directory / "agent.sock"
+    proc = subprocess.Popen(
+        [_need("ssh-agent"), "-D", "-a", str(sock)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ImgprepError("ssh-agent did not start", code="SshAgentFailed")
+            time.sleep(0.05)
+        env = {"SSH_AUTH_SOCK": str(sock), "HOME": str(directory), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        added = subprocess.run(
+            [_need("ssh-add"), "-q", str(key_file)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if added.returncode != 0:
+            raise ImgprepError(
+                f"ssh-add {key_file}: {added.stderr.strip()[:300]} (a passphrase-protected key cannot be used here)",
+                code="SshAuthFailed",
+            )
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def open_remote_disk(
+    *,
+    host: str,
+    port: int,
+    user: str,
+    key_file: Path,
+    host_key: paramiko.PKey,
+    path: str,
+    jumps: int = 0,
+    readonly: bool = False,
+) -> Iterator[Path]:
+    """Serve the remote device ``path`` on a local NBD unix socket (yielded) while the
+    context lasts; writes reach the device when the context ends (qemu-nbd flushes
+    when its one client disconnects, and exits). ``readonly``: a read-only export that
+    serves several connections (libguestfs' overlay), ended when the context ends."""
+    if jumps:
+        raise NotSupported(
+            "an HVM guest's disk is opened over a direct SSH connection to the compute node; "
+            "a ProxyJump route is not supported for bhyve/kvm VMs yet"
+        )
+    qemu_nbd = _need(QEMU_NBD)
+    with tempfile.TemporaryDirectory(prefix="imgprep-nbdssh-") as tmp:
+        directory = Path(tmp)
+        directory.chmod(0o700)
+        with _agent(directory, key_file) as env:
+            sock = directory / "nbd.sock"
+            spec = ssh_json(host=host, port=port, user=user, path=path, host_key=host_key)
+            log_path = directory / "qemu-nbd.log"
+            # read-only: libguestfs puts an overlay on it, whose creation connects once
+            # before the appliance does, so the server must outlive a client
+            readonly_opts = ["--read-only", "--persistent"] if readonly else []
+            with log_path.open("wb") as log_file:
+                proc = subprocess.Popen(
+                    [
+                        qemu_nbd,
+                        "--socket",
+                        str(sock),
+                        "--cache=writeback",
+                        *readonly_opts,
+                        spec,
+                    ],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                )
+            try:
+                deadline = time.monotonic() + START_TIMEOUT
+                while not sock.exists():
+                    if proc.poll() is not None:
+                        detail = log_path.read_text(errors="replace").strip()[-400:]
+                        raise ImgprepError(
+                            f"cannot open {path} on {host} over SSH: {detail or 'qemu-nbd exited'}",
+                            code="RemoteDiskFailed",
+                        )
+                    if time.monotonic() > deadline:
+                        raise ImgprepError(
+                            f"qemu-nbd did not open {path} in {START_TIMEOUT:.0f}s", code="RemoteDiskFailed"
+                        )
+                    time.sleep(0.1)
+                yield sock
+                if readonly:
+                    return  # nothing to flush: the finally below ends the server
+                # qemu-nbd exits after its one client disconnected (flushing the device)
+                try:
+                    rc = proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    raise ImgprepError(f"qemu-nbd did not finish writing {path}", code="RemoteDiskFailed") from None
+                if rc != 0:
+                    detail = log_path.read_text(errors="replace").strip()[-400:]
+                    raise ImgprepError(f"qemu-nbd failed writing {path}: {detail}", code="RemoteDiskFailed")
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
