@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imgprep.artifacts import PREFIX, UNIT_PATH, wants_link
+from imgprep.jobstore import JobStore
 from imgprep.libguestfs import open_guest
 from tests.capabilities import requires
 from tests.simulator import open_stream, read_volume_stream
 from tests.smartos.conftest import Node, events, summary
 
-HVM_ORIGIN = {
+HVM_ORIGIN: dict[str, Any] = {
     "v": 2,
     "uuid": "5a2b6a84-1b0f-4f7e-9d4f-6f1c3b1e8e11",
     "name": "debian-12-bhyve",
@@ -84,6 +87,7 @@ def test_bhyve_vm_early_unit_image_report_and_rollback(
     disk0, disk1 = f"zones/{uuid}-disk0", f"zones/{uuid}-disk1"
     before = {d: sha256_file(hvm.node.volume(d)) for d in (disk0, disk1)}
     meta_before = hvm.node.metadata(uuid)
+    hvm.node.faults.send_drops = 1  # the first zfs send is cut mid-stream: retried, the image whole
 
     code, out, err = hvm.create(uuid, "--name", "hvmimage", "--version", "1.0.0")
 
@@ -91,6 +95,7 @@ def test_bhyve_vm_early_unit_image_report_and_rollback(
     result = summary(out)
     assert result["execution"] == "succeeded"
     assert [e["state"] for e in events(out) if e["event"] == "guest"] == ["running", "success"]
+    assert len([c for c in hvm.node.commands if c[:2] == ["zfs", "send"] and "-nP" not in c]) == 2
     # the disk was opened over SFTP by QEMU (never by the node), disk0 only
     assert set(hvm.server.sftp_opens) == {f"/dev/zvol/rdsk/{disk0}"}
 
@@ -135,3 +140,78 @@ def test_bhyve_vm_early_unit_image_report_and_rollback(
     assert hvm.node.metadata(uuid) == meta_before
     assert hvm.node.state(uuid) == "stopped"  # it was stopped: not restarted
     assert len(hvm.node.boots(uuid)) == 1  # the prepare boot, which powered itself off
+
+
+def test_bhyve_script_error_is_reported_and_every_disk_restored(hvm: Node, raw_guest: tuple[Path, Path, Path]) -> None:
+    uuid = bhyve_vm(hvm, raw_guest)
+    disks = [f"zones/{uuid}-disk0", f"zones/{uuid}-disk1"]
+    before = {d: sha256_file(hvm.node.volume(d)) for d in disks}
+    script = hvm.tmp / "operator-script"
+    script.write_text("#!/bin/sh\necho cleaning up\necho 'cannot remove /opt/thing' >&2\nexit 3\n")
+
+    code, out, _err = hvm.create(uuid, "--script", str(script))
+
+    assert code == 1
+    job = JobStore(hvm.state_dir).get(summary(out)["job_uuid"])
+    assert job["execution"] == "failed"
+    assert job["error"]["code"] == "PrepareImageError"
+    assert "cannot remove /opt/thing" in job["error"]["message"]
+    assert job["prepare"]["state"] == "error"
+    assert job["vm_restored"] is True
+    assert list(hvm.output.iterdir()) == []
+    for d in disks:
+        assert hvm.node.snapshot_names(d) == []
+        assert sha256_file(hvm.node.volume(d)) == before[d]
+    assert hvm.node.state(uuid) == "stopped"
+
+
+def test_an_unknown_filesystem_is_refused_naming_mode_legacy_and_restored(hvm: Node, tmp_path: Path) -> None:
+    disk = tmp_path / "garbage.raw"
+    disk.write_bytes(random.Random(9).randbytes(8 * 2**20))
+    uuid = hvm.node.create_hvm(alias="garbage", disk_image=disk, kernel=disk, initrd=disk)
+    before = sha256_file(hvm.node.volume(f"zones/{uuid}-disk0"))
+
+    code, out, err = hvm.create(uuid)
+
+    assert code != 0
+    assert "--mode legacy" in err
+    job = JobStore(hvm.state_dir).get(summary(out)["job_uuid"])
+    assert job["error"]["code"] == "NotSupported"
+    assert job["vm_restored"] is True
+    assert sha256_file(hvm.node.volume(f"zones/{uuid}-disk0")) == before
+    assert hvm.node.snapshot_names(f"zones/{uuid}-disk0") == []
+    assert hvm.node.boots(uuid) == []  # never booted
+
+
+def test_mode_legacy_puts_the_script_in_internal_metadata_with_a_warning(
+    hvm: Node, raw_guest: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    # The guest has no guest tools: nothing runs the late operator-script, so no state
+    # comes within the (short) timeout; what is checked is the classic placement, the
+    # warning in the record, and the rollback of the metadata.
+    _, kernel, initrd = raw_guest
+    disk = tmp_path / "empty.raw"
+    with disk.open("wb") as f:
+        f.truncate(64 * 2**20)  # no filesystem: the kernel boots and finds no root
+    uuid = hvm.node.create_hvm(alias="legacy", disk_image=disk, kernel=kernel, initrd=initrd)
+    meta_before = hvm.node.metadata(uuid)
+    hvm.write_config(timeouts={"stop": 30, "boot": 20, "prepare": 20, "shutdown": 20})
+    seen: list[dict[str, Any]] = []
+    original = hvm.node._start
+
+    def start(zone: Any) -> None:
+        seen.append(json.loads((hvm.node.zonepath(zone.uuid) / "config" / "metadata.json").read_text()))
+        original(zone)
+
+    hvm.node._start = start  # type: ignore[method-assign]
+
+    code, out, _err = hvm.create(uuid, "--mode", "legacy")
+
+    assert code == 1
+    job = JobStore(hvm.state_dir).get(summary(out)["job_uuid"])
+    assert job["error"]["code"] == "PrepareImageDidNotRun"
+    assert any("after the guest's daemons have started" in w for w in job.get("warnings", []))
+    assert "#!/" in seen[0]["internal_metadata"]["operator-script"]  # what the prepare boot had
+    assert hvm.node.metadata(uuid) == meta_before  # rolled back
+    assert hvm.node.snapshot_names(f"zones/{uuid}") == []
+    assert set(hvm.server.sftp_opens) == set()  # the legacy path never opens the disk
