@@ -36,6 +36,7 @@ from pathlib import Path
 import paramiko
 
 from imgprep.errors import ImgprepError, MissingDependency, NotSupported
+from imgprep.sanitize import clean
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,13 @@ def _need(program: str) -> str:
             f"{program} is needed to open an HVM guest's disk over SSH (Debian: qemu-utils, openssh-client)"
         )
     return found
+
+
+def _reason(log_path: Path) -> str:
+    """qemu-nbd's last message without the json: filename it quotes (``...': reason``)."""
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    last = lines[-1] if lines else ""
+    return clean(last.rpartition("': ")[2] if "': " in last else last, limit=300)
 
 
 @contextlib.contextmanager
@@ -152,6 +160,7 @@ def open_remote_disk(
                         "--socket",
                         str(sock),
                         "--cache=writeback",
+                        f"--pid-file={directory / 'qemu-nbd.pid'}",
                         *readonly_opts,
                         spec,
                     ],
@@ -162,11 +171,12 @@ def open_remote_disk(
                 )
             try:
                 deadline = time.monotonic() + START_TIMEOUT
-                while not sock.exists():
+                # the socket is made before the device is opened: the pid file only after
+                # (a refused host key ends qemu-nbd without one)
+                while not (directory / "qemu-nbd.pid").exists():
                     if proc.poll() is not None:
-                        detail = log_path.read_text(errors="replace").strip()[-400:]
                         raise ImgprepError(
-                            f"cannot open {path} on {host} over SSH: {detail or 'qemu-nbd exited'}",
+                            f"cannot open {path} on {host} over SSH: {_reason(log_path) or 'qemu-nbd exited'}",
                             code="RemoteDiskFailed",
                         )
                     if time.monotonic() > deadline:
@@ -183,8 +193,7 @@ def open_remote_disk(
                 except subprocess.TimeoutExpired:
                     raise ImgprepError(f"qemu-nbd did not finish writing {path}", code="RemoteDiskFailed") from None
                 if rc != 0:
-                    detail = log_path.read_text(errors="replace").strip()[-400:]
-                    raise ImgprepError(f"qemu-nbd failed writing {path}: {detail}", code="RemoteDiskFailed")
+                    raise ImgprepError(f"qemu-nbd failed writing {path}: {_reason(log_path)}", code="RemoteDiskFailed")
             finally:
                 if proc.poll() is None:
                     proc.terminate()
