@@ -113,7 +113,10 @@ def open_guest(
         for path, fmt in disks:
             g.add_drive_opts(str(path), format=fmt, readonly=readonly)
         if nbd_socket is not None:
-            g.add_drive_opts("", format="raw", readonly=readonly, protocol="nbd", server=[f"unix:{nbd_socket}"])
+            try:  # a read-only drive gets its overlay now: a first connection to the server
+                g.add_drive_opts("", format="raw", readonly=readonly, protocol="nbd", server=[f"unix:{nbd_socket}"])
+            except RuntimeError as exc:
+                raise GuestfsError(f"libguestfs could not attach the disk served on {nbd_socket}: {exc}") from None
         try:
             g.launch()
         except RuntimeError as exc:
