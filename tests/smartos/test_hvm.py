@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from tests.capabilities import requires
 from tests.simulator import open_stream, read_volume_stream
 from tests.smartos.conftest import Node, events, summary
 
+REPO = Path(__file__).resolve().parents[2]
 HVM_ORIGIN: dict[str, Any] = {
     "v": 2,
     "uuid": "5a2b6a84-1b0f-4f7e-9d4f-6f1c3b1e8e11",
@@ -215,3 +220,44 @@ def test_mode_legacy_puts_the_script_in_internal_metadata_with_a_warning(
     assert hvm.node.metadata(uuid) == meta_before  # rolled back
     assert hvm.node.snapshot_names(f"zones/{uuid}") == []
     assert set(hvm.server.sftp_opens) == set()  # the legacy path never opens the disk
+
+
+def test_jobs_recover_after_the_cli_was_killed_in_the_prepare_boot(
+    hvm: Node, raw_guest: tuple[Path, Path, Path]
+) -> None:
+    uuid = bhyve_vm(hvm, raw_guest)
+    disks = [f"zones/{uuid}-disk0", f"zones/{uuid}-disk1"]
+    before = {d: sha256_file(hvm.node.volume(d)) for d in disks}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("SSH_AUTH_SOCK", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgprep", "create", "--config", str(hvm.config), "--backend", "smartos",
+         "--host", "node1", "--vm", uuid, "--compression", "gzip", "--output-dir", str(hvm.output)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while hvm.node.state(uuid) != "running":  # QEMU started: the prepare boot
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            if time.monotonic() > deadline:  # a bound on the wait, not a speed check
+                pytest.fail("the prepare boot never started")
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)  # no cleanup: the VM is left in its prepare boot
+    finally:
+        proc.kill()
+        proc.wait()
+    assert hvm.node.snapshot_names(disks[0]) != []
+
+    code, out, _ = hvm.cli("jobs", "--config", str(hvm.config), "list", "--json")
+    (row,) = json.loads(out)
+    assert row["needs_recovery"] is True
+    code, out, err = hvm.cli("jobs", "--config", str(hvm.config), "recover", row["uuid"])
+    assert code == 0, err
+    job = JobStore(hvm.state_dir).get(row["uuid"])
+    assert job["vm_restored"] is True
+    assert job["error"]["code"] == "Interrupted"
+    assert hvm.node.state(uuid) == "stopped"
+    for d in disks:
+        assert hvm.node.snapshot_names(d) == []
+        assert sha256_file(hvm.node.volume(d)) == before[d]
+    assert hvm.node.snapshot_names(f"zones/{uuid}") == []
