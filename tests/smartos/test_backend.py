@@ -356,7 +356,7 @@ def test_late_placement_is_refused_for_smf_zones(sim: Node) -> None:
     uuid = sim.zone()
     code, _, err = sim.create(uuid, "--mode", "legacy")
     assert code == 2
-    assert "--mode legacy (the classic late placement) exists for systemd guests; proto is joyent" in err
+    assert "--mode legacy (the classic late placement) exists for Linux guests (lx, bhyve, kvm); proto is joyent" in err
     assert sim.node.mutating_commands() == []
 
 
