@@ -210,13 +210,20 @@ def test_mode_legacy_puts_the_script_in_internal_metadata_with_a_warning(
 
     hvm.node._start = start  # type: ignore[method-assign]
 
-    code, out, _err = hvm.create(uuid, "--mode", "legacy")
+    code, _, err = hvm.create(uuid, "--mode", "legacy")
+    assert code == 2
+    assert "pass --script" in err  # a classic prepare-image script, not imgprep's runner's
+    assert hvm.node.mutating_commands() == []
+    script = tmp_path / "prepare-image"
+    script.write_text("#!/bin/sh\nmdata-put prepare-image:state running\n")
+
+    code, out, _err = hvm.create(uuid, "--mode", "legacy", "--script", str(script))
 
     assert code == 1
     job = JobStore(hvm.state_dir).get(summary(out)["job_uuid"])
     assert job["error"]["code"] == "PrepareImageDidNotRun"
     assert any("after the guest's daemons have started" in w for w in job.get("warnings", []))
-    assert "#!/" in seen[0]["internal_metadata"]["operator-script"]  # what the prepare boot had
+    assert seen[0]["internal_metadata"]["operator-script"] == script.read_text()  # what the prepare boot had
     assert hvm.node.metadata(uuid) == meta_before  # rolled back
     assert hvm.node.snapshot_names(f"zones/{uuid}") == []
     assert set(hvm.server.sftp_opens) == set()  # the legacy path never opens the disk

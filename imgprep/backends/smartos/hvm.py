@@ -16,9 +16,11 @@
   opened (an encrypted root, an unknown filesystem, not systemd) is refused, naming
   ``--mode legacy``;
 * inject (``--mode legacy``): nothing is written into the guest: the operator script
-  goes into the VM's internal metadata as ``operator-script``, as ``imgadm create`` does,
-  for the guest tools (or cloud-init) to run late, after the daemons started; the job
-  record carries a warning saying so;
+  (``--script``, a classic prepare-image script that reports ``prepare-image:state``
+  itself through ``mdata-put`` and powers the guest off) goes into the VM's internal
+  metadata as ``operator-script``, as ``imgadm create`` does, for the guest tools (or
+  cloud-init) to run late, after the daemons started; the job record carries a warning
+  saying so;
 * export: before the image snapshot, ``disks[0]`` is opened read-only the same way and
   every path imgprep injected is looked for (a guest reporting success without the
   cleanup is not imaged); then ``<disk0>@final`` and its ``zfs send``.
@@ -60,8 +62,8 @@ _ZVOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,250}$")
 
 def legacy_hint(why: str) -> str:
     return (
-        f"{why}; imgprep cannot place its early unit in this guest. Run with --mode legacy for the classic "
-        "late operator-script (it runs after the guest's daemons start)"
+        f"{why}; imgprep cannot place its early unit in this guest. Run with --mode legacy --script "
+        "PREPARE_IMAGE for the classic late operator-script (it runs after the guest's daemons start)"
     )
 
 
@@ -114,6 +116,11 @@ def validate(backend: SmartosBackend, node: Node, uuid: str, vm: dict[str, Any])
     zvols = disks(vm, name, problems)
     if brand == "bhyve" and vm.get("bootrom") not in (None, "uefi", "bios") and not problems:
         problems.append(f"VM {name}: unknown bootrom {clean(str(vm.get('bootrom')), limit=40)!r}")
+    if backend.request.mode == "legacy" and backend.request.script_is_default:
+        problems.append(
+            f"--mode legacy for {brand} VMs runs your classic prepare-image script from the VM's metadata (it "
+            "reports prepare-image:state itself through mdata-put and powers the guest off): pass --script"
+        )
     if backend.request.compression not in STREAM_COMPRESSIONS:
         problems.append(
             f"compression {backend.request.compression} is not available for SmartOS images: IMGAPI and imgadm "
@@ -244,13 +251,8 @@ def inject(backend: SmartosBackend) -> None:
 
 
 def _inject_legacy(backend: SmartosBackend) -> None:
-    request = backend.request
-    script = request.script
-    if request.script_is_default:
-        default = artifacts.artifact("operator_scripts/smartos-prepare-image")
-        script = default.read_bytes()
     try:
-        text = script.decode()
+        text = backend.request.script.decode()
     except UnicodeDecodeError:
         raise InvalidInput("the operator script is not UTF-8 text: it cannot go into the VM's metadata") from None
     backend.record.setdefault("warnings", []).append(LEGACY_WARNING)
