@@ -111,6 +111,10 @@ def test_bhyve_vm_early_unit_image_report_and_rollback(
     assert report["late_services"] == []
     assert report["targets"]["sysinit.target"] == "inactive"
     assert report["targets"]["multi-user.target"] == "inactive"
+    assert report["services"]  # the control: the report does list what was up (early units)
+    code, shown, shown_err = hvm.cli("jobs", "--config", str(hvm.config), "get", result["job_uuid"])
+    assert code == 0, shown_err
+    assert json.loads(shown)["boot_report"] == JobStore(hvm.state_dir).get(result["job_uuid"])["boot_report"]
 
     # the manifest: what imgadm writes for a bhyve VM's image
     image = Path(result["file"])
