@@ -15,8 +15,10 @@ libguestfs then attaches ``nbd`` over the unix socket ``S``
 (:func:`imgprep.libguestfs.open_guest`'s ``nbd_socket``): its appliance mounts the
 guest filesystem inside its own VM.
 
-A route through ``ProxyJump`` hosts is not supported here yet: :func:`open_remote_disk`
-refuses it (the direct node only).
+Through ``ProxyJump`` hosts (the headnode), QEMU connects to a loopback port of this
+host that imgprep forwards, connection by connection, as a ``direct-tcpip`` channel of
+the last jump host's verified connection (what ``ssh -J`` does); the key QEMU pins is
+still the node's own, end to end through the tunnel.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
 
-from imgprep.errors import ImgprepError, MissingDependency, NotSupported
+from imgprep.errors import ImgprepError, MissingDependency
 from imgprep.sanitize import clean
 
 log = logging.getLogger(__name__)
@@ -130,19 +134,86 @@ def open_remote_disk(
     key_file: Path,
     host_key: paramiko.PKey,
     path: str,
-    jumps: int = 0,
+    via: paramiko.Transport | None = None,
     readonly: bool = False,
 ) -> Iterator[Path]:
     """Serve the remote device ``path`` on a local NBD unix socket (yielded) while the
     context lasts; writes reach the device when the context ends (qemu-nbd flushes
     when its one client disconnects, and exits). ``readonly``: a read-only export that
     serves several connections (libguestfs' overlay), ended when the context ends."""
-    if jumps:
-        raise NotSupported(
-            "an HVM guest's disk is opened over a direct SSH connection to the compute node; "
-            "a ProxyJump route is not supported for bhyve/kvm VMs yet"
-        )
     qemu_nbd = _need(QEMU_NBD)
+    with contextlib.ExitStack() as stack:
+        if via is not None:
+            host, port = "127.0.0.1", stack.enter_context(_forward(via, host, port))
+        yield stack.enter_context(
+            _serve(
+                qemu_nbd,
+                host=host,
+                port=port,
+                user=user,
+                key_file=key_file,
+                host_key=host_key,
+                path=path,
+                readonly=readonly,
+            )
+        )
+
+
+@contextlib.contextmanager
+def _forward(via: paramiko.Transport, host: str, port: int) -> Iterator[int]:
+    """A loopback port whose every connection is a direct-tcpip channel of ``via`` to host:port."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def pipe(src: socket.socket | paramiko.Channel, dst: socket.socket | paramiko.Channel) -> None:
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            dst.close()
+            src.close()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                channel = via.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=15)
+            except (paramiko.ChannelException, paramiko.SSHException, OSError, EOFError) as exc:
+                log.warning("the jump host cannot connect to %s:%s: %s", host, port, exc)
+                conn.close()
+                continue
+            threading.Thread(target=pipe, args=(conn, channel), daemon=True).start()
+            threading.Thread(target=pipe, args=(channel, conn), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def _serve(
+    qemu_nbd: str,
+    *,
+    host: str,
+    port: int,
+    user: str,
+    key_file: Path,
+    host_key: paramiko.PKey,
+    path: str,
+    readonly: bool,
+) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="imgprep-nbdssh-") as tmp:
         directory = Path(tmp)
         directory.chmod(0o700)

@@ -11,7 +11,9 @@ import pytest
 
 from imgprep.errors import ImgprepError
 from imgprep.nbdssh import open_remote_disk
+from imgprep.ssh import SshClient, SshTarget
 from tests.capabilities import requires
+from tests.simulator.sshd import SSHD, OpenSshServer
 from tests.smartos.conftest import Node
 
 
@@ -61,3 +63,52 @@ def test_another_host_key_is_refused_by_qemu(sim: Node, tmp_path: Path) -> None:
     with _open(sim, uuid, sim.host_key, readonly=True):  # type: ignore[attr-defined]  # the control
         pass
     assert sim.server.sftp_opens == [f"/dev/zvol/rdsk/zones/{uuid}-disk0"]
+
+
+def test_through_a_proxyjump_headnode(sim: Node, tmp_path: Path) -> None:
+    """QEMU reaches the node through a real OpenSSH headnode: a direct-tcpip channel of
+    imgprep's verified connection to it; the pin is still the node's key."""
+    requires("qemu-nbd", "qemu-io", "ssh-agent")
+    if not SSHD.exists():
+        pytest.skip("needs OpenSSH's sshd (scripts/setup-host)")
+    client_key = paramiko.ECDSAKey.from_private_key_file(str(sim.tmp / "client_key"))
+    headnode = OpenSshServer(sim.tmp / "headnode", f"{client_key.get_name()} {client_key.get_base64()}\n")
+    try:
+        config = sim.tmp / "ssh_config"
+        config.write_text(
+            f"Host cn1\n    HostName 127.0.0.1\n    Port {sim.server.port}\n    IdentityFile {sim.tmp / 'client_key'}\n"
+            f"    ProxyJump hn\n\nHost hn\n    HostName 127.0.0.1\n    Port {headnode.port}\n    User root\n"
+            f"    IdentityFile {sim.tmp / 'client_key'}\n"
+        )
+        known = sim.tmp / "known_hosts_route"
+        known.write_text(
+            headnode.host_key_line
+            + f"[127.0.0.1]:{sim.server.port} {sim.host_key.get_name()} {sim.host_key.get_base64()}\n"
+        )
+        client = SshClient(SshTarget(host="cn1", ssh_config=str(config), known_hosts=str(known)))
+        try:
+            host_key = client.connect().get_remote_server_key()
+            via = client.jump_transport()
+            assert via is not None
+            uuid = _vm(sim, tmp_path)
+            with open_remote_disk(
+                host="127.0.0.1",
+                port=sim.server.port,
+                user="root",
+                key_file=sim.tmp / "client_key",
+                host_key=host_key,
+                path=f"/dev/zvol/rdsk/zones/{uuid}-disk0",
+                via=via,
+            ) as sock:
+                subprocess.run(
+                    ["qemu-io", "-f", "raw", "-c", "write -P 0x42 0 512", f"nbd+unix:///?socket={sock}"],
+                    check=True,
+                    capture_output=True,
+                )
+        finally:
+            client.close()
+        assert sim.node.volume(f"zones/{uuid}-disk0").read_bytes()[:512] == b"B" * 512
+        target = f"target 127.0.0.1 port {sim.server.port}"
+        assert headnode.log().count(target) == 2  # imgprep's own connection, then QEMU's
+    finally:
+        headnode.close()

@@ -182,7 +182,7 @@ def _open_disk0(backend: SmartosBackend, *, readonly: bool = False) -> Any:
         key_file=Path(hop.key_files[0]).expanduser(),
         host_key=host_key,
         path=device_path(backend._zone.disks[0]),
-        jumps=len(route) - 1,
+        via=node.client.jump_transport() if len(route) > 1 else None,
         readonly=readonly,
     )
 
