@@ -160,9 +160,15 @@ def selinux_label(guest: Guest, paths: Sequence[str]) -> str | None:
 
 @contextlib.contextmanager
 def open_guest(
-    disks: Sequence[tuple[Path, str]], *, readonly: bool, force_tcg: bool, partial: bool = False
+    disks: Sequence[tuple[Path, str]],
+    *,
+    readonly: bool,
+    force_tcg: bool,
+    partial: bool = False,
+    nbd_socket: Path | None = None,
 ) -> Iterator[Guest]:
-    """Launch the appliance over ``disks`` (path, format), inspect, mount the OS.
+    """Launch the appliance over ``disks`` (path, format), or over the raw NBD export on
+    the unix socket ``nbd_socket`` (:mod:`imgprep.nbdssh`), inspect, mount the OS.
 
     Every filesystem the guest's fstab names must mount: a guest with ``/var`` on its own
     filesystem that did not mount would get its files written under the root filesystem's
@@ -175,6 +181,11 @@ def open_guest(
     try:
         for path, fmt in disks:
             g.add_drive_opts(str(path), format=fmt, readonly=readonly)
+        if nbd_socket is not None:
+            try:  # a read-only drive gets its overlay now: a first connection to the server
+                g.add_drive_opts("", format="raw", readonly=readonly, protocol="nbd", server=[f"unix:{nbd_socket}"])
+            except RuntimeError as exc:
+                raise GuestfsError(f"libguestfs could not attach the disk served on {nbd_socket}: {exc}") from None
         try:
             g.launch()
         except RuntimeError as exc:

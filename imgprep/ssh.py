@@ -177,6 +177,13 @@ class SshClient:
             assert transport is not None
             return transport
 
+    def jump_transport(self) -> paramiko.Transport | None:
+        """The connected transport of the last ``ProxyJump`` host (None for a direct route):
+        what a second connection to the node (QEMU's, for an HVM disk) tunnels through."""
+        self.connect()
+        with self._lock:
+            return self._jumps[-1].get_transport() if self._jumps else None
+
     def _open(self) -> paramiko.SSHClient:
         """Connect through every hop of the route (``ProxyJump``), verifying each host key."""
         target = self.target

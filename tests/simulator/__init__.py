@@ -8,7 +8,15 @@ start methods it finds (imgprep's), with fake in-zone commands (:mod:`.fakebin`)
 It is a simulation: what it cannot show is listed in docs/smartos-backend.md.
 """
 
-from tests.simulator.node import BootRecord, ComputeNode, Faults, open_stream, read_send_stream, tree_digest
+from tests.simulator.node import (
+    BootRecord,
+    ComputeNode,
+    Faults,
+    open_stream,
+    read_send_stream,
+    read_volume_stream,
+    tree_digest,
+)
 from tests.simulator.server import SshSimulator, write_known_hosts
 
 __all__ = [
@@ -18,6 +26,7 @@ __all__ = [
     "SshSimulator",
     "open_stream",
     "read_send_stream",
+    "read_volume_stream",
     "tree_digest",
     "write_known_hosts",
 ]

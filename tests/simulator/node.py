@@ -37,6 +37,18 @@ What is modelled, after the manual pages (vmadm(8), zfs(8), imgadm(8)):
   ends. The zone halting itself (systemd powering off) ends the nspawn process and
   makes the zone ``stopped``; ``vmadm stop`` asks systemd to power off (nspawn's
   SIGTERM), ``vmadm stop -F`` kills the container's init at once.
+* A bhyve or kvm VM (:meth:`ComputeNode.create_hvm`) has its zone dataset (``config/``
+  with the metadata) and one zvol per disk, ``zones/<uuid>-disk<N>``. A zvol is a
+  dataset whose directory holds one sparse file, ``volume``: its block device's bytes,
+  served as ``/dev/zvol/rdsk/<dataset>`` (and ``dsk``) by the SSH server's SFTP
+  subsystem, which QEMU's ``ssh`` block driver opens. ``zfs send`` of a zvol snapshot
+  is a simulated stream too (:func:`read_volume_stream`). ``vmadm start`` boots the
+  VM for real: ``qemu-system-x86_64`` under TCG, its disks the zvols' files, its first
+  serial port a console log, its second a unix socket served by the Metadata V2 service
+  (:mod:`tests.simulator.mdata_v2`) over the VM's customer metadata. The simulated
+  "bootrom" is a direct kernel boot of the kernel and initrd the test gives (a real
+  bhyve runs UEFI or a BIOS from the disk). The guest powering off ends QEMU and makes
+  the VM ``stopped``; ``vmadm stop`` (with or without ``-F``) kills QEMU.
 * ``/bin/sh`` runs locally, and ``/usr/node/bin/node`` runs the host's ``node`` (for
   the backend's constant zone script; the platform's node is older, the script is ES5).
 
@@ -57,11 +69,12 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -144,6 +157,9 @@ class _Zone:
     proc: subprocess.Popen[bytes] | None = None
     thread: threading.Thread | None = None
     generation: int = 0
+    boot_files: tuple[Path, Path] | None = None  # bhyve/kvm: the simulated bootrom's kernel, initrd
+    bootrom: str | None = None
+    mdata_port: Any = None  # bhyve/kvm: the UnixSocketPort of the running VM
 
 
 @dataclasses.dataclass
@@ -151,6 +167,56 @@ class _Snapshot:
     path: Path
     props: dict[str, str]
     order: int
+
+
+VOLUME_CHUNK = 1024 * 1024
+
+
+def _copy(src: str, dst: str) -> str:
+    """copytree's copy function: sparse files stay sparse (a zvol's 2 GiB of mostly holes)."""
+    if os.path.getsize(src) > VOLUME_CHUNK:
+        subprocess.run(["cp", "--sparse=always", "--preserve=mode,timestamps", src, dst], check=True)
+    else:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _extents(path: Path) -> list[tuple[int, int]]:
+    """(offset, length) of the data of a sparse file, in chunks of at most VOLUME_CHUNK."""
+    out: list[tuple[int, int]] = []
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        fd = f.fileno()
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            for o in range(start, end, VOLUME_CHUNK):
+                out.append((o, min(VOLUME_CHUNK, end - o)))
+            offset = end
+    return out
+
+
+def read_volume_stream(stream: IO[bytes], dest: Path) -> dict[str, Any]:
+    """Write the volume of a simulated ``zfs send`` stream of a zvol snapshot into ``dest``
+    (a sparse raw file); returns the header. The stream: the magic line, a JSON header
+    line (``"type": "volume"``, ``"size"``), then records ``"<offset> <length>\n"`` and
+    that many bytes, for every block that holds data."""
+    if stream.readline() != STREAM_MAGIC:
+        raise ValueError("not a simulated zfs send stream")
+    header: dict[str, Any] = json.loads(stream.readline())
+    if header.get("type") != "volume":
+        raise ValueError("not the stream of a volume")
+    with dest.open("wb") as out:
+        out.truncate(int(header["size"]))
+        while line := stream.readline():
+            offset, length = (int(x) for x in line.split())
+            out.seek(offset)
+            out.write(stream.read(length))
+    return header
 
 
 def read_send_stream(data: bytes) -> tuple[dict[str, Any], tarfile.TarFile]:
@@ -262,6 +328,72 @@ class ComputeNode:
             self._start(self.zones[uuid])
             self.wait_boot(uuid, timeout=120)
         return uuid
+
+    def create_hvm(
+        self,
+        *,
+        alias: str,
+        disk_image: Path,
+        kernel: Path,
+        initrd: Path,
+        brand: str = "bhyve",
+        image_uuid: str | None = None,
+        data_disk_mib: int = 64,
+        bootrom: str | None = "uefi",
+    ) -> str:
+        """A stopped bhyve/kvm VM: disk0 a copy of the raw ``disk_image`` (the guest's root),
+        disk1 a small data disk (a marker string at its start); booted by ``kernel``/``initrd``."""
+        uuid = str(uuidlib.uuid4())
+        dataset = f"{POOL}/{uuid}"
+        zonepath = self.pool_dir / uuid
+        (zonepath / "config").mkdir(parents=True)
+        (zonepath / "config" / "metadata.json").write_text(
+            json.dumps({"customer_metadata": {}, "internal_metadata": {}}, indent=2, sort_keys=True)
+        )
+        self.datasets[dataset] = zonepath
+        disks = []
+        for index in range(2):
+            name = f"{dataset}-disk{index}"
+            directory = self.pool_dir / f"{uuid}-disk{index}"
+            directory.mkdir()
+            volume = directory / "volume"
+            if index == 0:
+                _copy(str(disk_image), str(volume))
+            else:
+                with volume.open("wb") as f:
+                    f.write(b"IMGPREP-SIMULATED-DATA-DISK\n")
+                    f.truncate(data_disk_mib * 2**20)
+            self.datasets[name] = directory
+            disks.append(
+                {
+                    "path": f"/dev/zvol/rdsk/{name}",
+                    "zfs_filesystem": name,
+                    "size": volume.stat().st_size // 2**20,
+                    "boot": index == 0,
+                    "model": "virtio",
+                    "media": "disk",
+                    "image_uuid": image_uuid if index == 0 else None,
+                }
+            )
+            if index or not image_uuid:
+                disks[-1].pop("image_uuid")
+        zone = _Zone(uuid, alias, brand, "stopped", image_uuid, [], disks)
+        zone.boot_files = (kernel, initrd)
+        zone.bootrom = bootrom if brand == "bhyve" else None
+        self.zones[uuid] = zone
+        return uuid
+
+    def zvol_device(self, path: str) -> Path | None:
+        """The backing file of a zvol device node (``/dev/zvol/[r]dsk/<dataset>``), else None."""
+        for prefix in ("/dev/zvol/rdsk/", "/dev/zvol/dsk/"):
+            if path.startswith(prefix):
+                directory = self.datasets.get(path[len(prefix) :])
+                if directory is not None and (directory / "volume").is_file():
+                    return directory / "volume"
+        return None
+
+    def volume(self, dataset: str) -> Path:
+        return self.datasets[dataset] / "volume"
 
     def zonepath(self, uuid: str) -> Path:
         return self.pool_dir / uuid
@@ -429,6 +561,10 @@ class ComputeNode:
             vm["datasets"] = list(zone.datasets)
         if zone.disks:
             vm["disks"] = list(zone.disks)
+        if zone.bootrom:
+            vm["bootrom"] = zone.bootrom
+        if zone.brand in ("bhyve", "kvm"):
+            vm["ram"] = 1024
         return vm
 
     def _vmadm(self, args: list[str], stdin: Callable[[], bytes]) -> str:
@@ -494,9 +630,12 @@ class ComputeNode:
         zone.boots.append(record)
         (self.run_dir / zone.uuid).mkdir(parents=True, exist_ok=True)
         (self.run_dir / zone.uuid / "halted").unlink(missing_ok=True)
-        boot = self._boot_lx if zone.brand == "lx" else self._boot
+        hvm = zone.brand in ("bhyve", "kvm")
+        boot = self._boot_lx if zone.brand == "lx" else self._boot_hvm if hvm else self._boot
         if zone.brand == "lx":  # nspawn must be running before vmadm start returns
             self._spawn_lx(zone)
+        if hvm:
+            self._spawn_hvm(zone)
         zone.thread = threading.Thread(target=boot, args=(zone, record, zone.generation), daemon=True)
         zone.thread.start()
 
@@ -519,6 +658,72 @@ class ComputeNode:
             else:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
+                if zone.brand in ("bhyve", "kvm"):
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(30)
+
+    # --- bhyve/kvm: a real QEMU boot, metadata over the second serial port --------------
+
+    def _spawn_hvm(self, zone: _Zone) -> None:
+        from tests.simulator.mdata_v2 import MetadataV2, UnixSocketPort
+
+        assert zone.boot_files is not None
+        run = self.run_dir / zone.uuid
+        # a unix socket path has at most 107 bytes: not under the test's deep tmp_path
+        sock = Path(tempfile.mkdtemp(prefix="imgprep-sim-md-")) / "mdata.sock"
+        service = MetadataV2(
+            _MetadataFile(self.zonepath(zone.uuid) / "config" / "metadata.json", self._lock),
+            fields={"uuid": zone.uuid, "alias": zone.alias},
+        )
+        zone.mdata_port = UnixSocketPort(service, sock)
+        kernel, initrd = zone.boot_files
+        argv = [
+            "qemu-system-x86_64",
+            "-machine",
+            "pc,accel=tcg",
+            "-m",
+            "768",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1",
+            "-serial",
+            f"file:{run / 'console.log'}",
+            "-chardev",
+            f"socket,id=mdata,path={sock}",
+            "-serial",
+            "chardev:mdata",
+        ]
+        for disk in zone.disks:
+            volume = self.volume(disk["zfs_filesystem"])
+            argv += ["-drive", f"file={volume},format=raw,if=virtio,cache=writeback"]
+        with (run / "qemu.log").open("ab") as log:
+            zone.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def _boot_hvm(self, zone: _Zone, record: BootRecord, generation: int) -> None:
+        proc = zone.proc
+        assert proc is not None
+        rc = proc.wait()
+        with self._lock:
+            if zone.mdata_port is not None:
+                zone.mdata_port.close()
+                with contextlib.suppress(OSError):
+                    zone.mdata_port.path.parent.rmdir()
+                zone.mdata_port = None
+            if zone.generation == generation:  # nobody stopped it: the guest powered itself off
+                record.halted = rc == 0
+                self._kill(zone, "halted" if rc == 0 else f"qemu exited with status {rc}")
 
     # --- lx zones: a real systemd in systemd-nspawn -----------------------------------------
 
@@ -675,7 +880,10 @@ class ComputeNode:
         return path
 
     def _zone_of(self, dataset: str) -> _Zone | None:
-        return self.zones.get(dataset.split("/")[1]) if dataset.count("/") >= 1 else None
+        if dataset.count("/") < 1:
+            return None
+        name = dataset.split("/")[1]
+        return self.zones.get(name) or self.zones.get(name.rsplit("-disk", 1)[0])
 
     def _children(self, dataset: str) -> list[Path]:
         return [p for n, p in self.datasets.items() if n.startswith(dataset + "/")]
@@ -710,6 +918,7 @@ class ComputeNode:
                         src,
                         dest,
                         symlinks=True,
+                        copy_function=_copy,
                         ignore=lambda d, names, skip=skip: [n for n in names if (Path(d) / n).resolve() in skip],
                     )
                     self._order += 1
@@ -741,7 +950,7 @@ class ComputeNode:
                         shutil.rmtree(entry)
                     else:
                         entry.unlink()
-                shutil.copytree(snap.path, target, symlinks=True, dirs_exist_ok=True)
+                shutil.copytree(snap.path, target, symlinks=True, dirs_exist_ok=True, copy_function=_copy)
                 shutil.copystat(snap.path, target)
                 return ""
             if cmd == "destroy":
@@ -755,7 +964,11 @@ class ComputeNode:
                 return ""
             if cmd == "send":  # -nP: the estimate only
                 name = rest[-1]
-                size = len(self._send_bytes(name))
+                snap = self.snapshots.get(name)
+                if snap is not None and (snap.path / "volume").is_file():
+                    size = sum(length for _, length in _extents(snap.path / "volume"))
+                else:
+                    size = len(self._send_bytes(name))
                 return f"full\t{name}\t{size}\nsize\t{size}\n"
         raise CommandFailed(f"zfs: unsupported in the simulator: {shlex.join(args)}", 2)
 
@@ -794,7 +1007,7 @@ class ComputeNode:
             lines.append("\t".join(c.upper() for c in columns))
         for row in rows:
             path = self.snapshots[row["name"]].path if row["type"] == "snapshot" else self.datasets[row["name"]]
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            size = sum(_allocated(f) for f in path.rglob("*") if f.is_file() and not f.is_symlink())
             values = {"used": str(size), "referenced": str(size), "refer": str(size), "avail": str(10 * 2**30)}
             lines.append("\t".join(row.get(c) or values.get(c) or "-" for c in columns))
         return "".join(line + "\n" for line in lines)
@@ -820,17 +1033,40 @@ class ComputeNode:
         header = json.dumps({"snapshot": name, "simulated": True}).encode() + b"\n"
         return STREAM_MAGIC + header + buf.getvalue()
 
+    def _volume_stream(self, name: str, snap: _Snapshot) -> Iterator[bytes]:
+        volume = snap.path / "volume"
+        size = volume.stat().st_size
+        yield (
+            STREAM_MAGIC
+            + json.dumps({"snapshot": name, "simulated": True, "type": "volume", "size": size}).encode()
+            + b"\n"
+        )
+        with volume.open("rb") as f:
+            for offset, length in _extents(volume):
+                f.seek(offset)
+                data = f.read(length)
+                if data.count(0) == len(data):
+                    continue  # a block of zeros: ZFS stores none
+                yield b"%d %d\n" % (offset, len(data)) + data
+
     def _zfs_send(self, args: list[str], stdout: Callable[[bytes], None], drop: Callable[[], None]) -> None:
         with self._lock:
-            data = self._send_bytes(args[-1])
+            snap = self.snapshots.get(args[-1])
+            if snap is not None and (snap.path / "volume").is_file():
+                chunks: Iterator[bytes] = self._volume_stream(args[-1], snap)
+            else:
+                data = self._send_bytes(args[-1])
+                chunks = (data[o : o + 64 * 1024] for o in range(0, len(data), 64 * 1024))
             cut = self.faults.send_drops > 0
             if cut:
                 self.faults.send_drops -= 1
-        for offset in range(0, len(data), 64 * 1024):
-            if cut and offset >= self.faults.send_drop_after:
+        sent = 0
+        for chunk in chunks:
+            if cut and sent >= self.faults.send_drop_after:
                 drop()
-                raise Dropped(f"zfs send cut after {offset} bytes")
-            stdout(data[offset : offset + 64 * 1024])
+                raise Dropped(f"zfs send cut after {sent} bytes")
+            stdout(chunk)
+            sent += len(chunk)
 
     # --- imgadm ----------------------------------------------------------------------------
 
@@ -843,6 +1079,53 @@ class ComputeNode:
                 )
             return json.dumps({"manifest": manifest, "zpool": POOL, "source": "https://images.example"}) + "\n"
         raise CommandFailed(f"imgadm: unsupported in the simulator: {shlex.join(args)}", 2)
+
+
+def _allocated(path: Path) -> int:
+    """Bytes a file uses (a sparse zvol's holes take none, as ZFS's ``referenced``)."""
+    st = path.stat()
+    return min(st.st_size, st.st_blocks * 512)
+
+
+class _MetadataFile(MutableMapping[str, str]):
+    """A VM's customer metadata as a live mapping over its ``config/metadata.json``: what
+    the metadata service reads and writes is what ``vmadm get`` shows."""
+
+    def __init__(self, path: Path, lock: threading.RLock) -> None:
+        self.path = path
+        self.lock = lock
+
+    def _load(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.path.read_text())
+        return data
+
+    def _customer(self) -> dict[str, str]:
+        customer: dict[str, str] = self._load().get("customer_metadata", {})
+        return customer
+
+    def __getitem__(self, key: str) -> str:
+        with self.lock:
+            return self._customer()[key]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        with self.lock:
+            data = self._load()
+            data.setdefault("customer_metadata", {})[key] = value
+            self.path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+    def __delitem__(self, key: str) -> None:
+        with self.lock:
+            data = self._load()
+            del data.setdefault("customer_metadata", {})[key]
+            self.path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+    def __iter__(self) -> Iterator[str]:
+        with self.lock:
+            return iter(list(self._customer()))
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self._customer())
 
 
 def _lx_leader(proc: subprocess.Popen[bytes]) -> int | None:
@@ -900,5 +1183,6 @@ __all__ = [
     "ServiceGraph",
     "open_stream",
     "read_send_stream",
+    "read_volume_stream",
     "tree_digest",
 ]

@@ -1,7 +1,8 @@
 """The compute-node simulator's SSH server: paramiko's server mode on 127.0.0.1.
 
 A real SSH server (key exchange, host key, public-key authentication, one exec channel
-per command): imgprep's client cannot tell it from sshd. Each exec request's command
+per command, and an SFTP subsystem serving the simulated zvols' device nodes, which
+QEMU's ``ssh`` block driver opens): imgprep's client cannot tell it from sshd. Each exec request's command
 line is split with ``shlex`` (as the node's shell would parse it) and run by
 :class:`tests.simulator.node.ComputeNode`. The host key can be swapped
 (:meth:`SshSimulator.set_host_key`) to play a reinstalled or impostor node.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shlex
 import socket
 import threading
@@ -26,6 +28,47 @@ from paramiko.common import (
 )
 
 from tests.simulator.node import ComputeNode, Dropped
+
+
+class _ZvolHandle(paramiko.SFTPHandle):
+    """An open simulated zvol: reads and writes at offsets of its backing file."""
+
+    def __init__(self, path: Path, writable: bool) -> None:
+        super().__init__()
+        self.path = path
+        f = path.open("r+b" if writable else "rb")
+        self.readfile = f
+        if writable:
+            self.writefile = f
+
+    def stat(self) -> paramiko.SFTPAttributes | int:
+        return paramiko.SFTPAttributes.from_stat(os.fstat(self.readfile.fileno()))
+
+
+class _ZvolSftp(paramiko.SFTPServerInterface):
+    """The node's SFTP subsystem, as far as QEMU's ``ssh`` block driver uses it: open, stat
+    and read/write of a zvol's device node (``/dev/zvol/rdsk/<dataset>``, ``/dev/zvol/dsk/...``);
+    every other path does not exist."""
+
+    def __init__(self, server: paramiko.ServerInterface, sim: SshSimulator) -> None:
+        super().__init__(server)
+        self.sim = sim
+
+    def open(self, path: str, flags: int, attr: paramiko.SFTPAttributes) -> paramiko.SFTPHandle | int:
+        device = self.sim.node.zvol_device(path)
+        if device is None:
+            return paramiko.sftp.SFTP_NO_SUCH_FILE
+        self.sim.sftp_opens.append(path)
+        return _ZvolHandle(device, bool(flags & (os.O_WRONLY | os.O_RDWR)))
+
+    def stat(self, path: str) -> paramiko.SFTPAttributes | int:
+        device = self.sim.node.zvol_device(path)
+        if device is None:
+            return paramiko.sftp.SFTP_NO_SUCH_FILE
+        return paramiko.SFTPAttributes.from_stat(device.stat())
+
+    lstat = stat
+
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +109,7 @@ class SshSimulator:
         self._sock.listen(16)
         self.port: int = self._sock.getsockname()[1]
         self._transports: list[paramiko.Transport] = []
+        self.sftp_opens: list[str] = []  # the device paths opened over SFTP
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
@@ -83,6 +127,7 @@ class SshSimulator:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             transport = paramiko.Transport(conn)
             transport.add_server_key(self.host_key)
+            transport.set_subsystem_handler("sftp", paramiko.SFTPServer, _ZvolSftp, self)
             self._transports.append(transport)
             try:
                 transport.start_server(server=_Interface(self))

@@ -304,15 +304,32 @@ def test_an_unknown_host_key_is_refused_unless_accepted(sim: Node) -> None:
     assert code == 0, err
 
 
-@pytest.mark.parametrize("brand", ["bhyve", "kvm"])
-def test_unsupported_brands_are_refused(sim: Node, brand: str) -> None:
-    uuid = sim.zone(brand=brand)
+def test_an_unknown_brand_is_refused(sim: Node) -> None:
+    uuid = sim.zone(brand="docker")
 
     code, _, err = sim.create(uuid)
 
     assert code == 2
-    assert f"brand {brand}" in err
-    assert "not supported" in err
+    assert "brand 'docker'" in err
+    assert "bhyve" in err  # the message names what is prepared
+    assert sim.node.mutating_commands() == []
+
+
+@pytest.mark.parametrize("brand", ["bhyve", "kvm"])
+def test_an_hvm_vm_with_zstd_or_without_disks_is_refused_before_anything_is_touched(
+    sim: Node, brand: str, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\0" * 4096)
+    uuid = sim.node.create_hvm(alias="hvm", brand=brand, disk_image=disk, kernel=disk, initrd=disk)
+
+    code, _, err = sim.create(uuid, compression="zstd")
+    assert code == 2
+    assert "compression zstd" in err
+    sim.node.zones[uuid].disks = []
+    code, _, err = sim.create(uuid)
+    assert code == 2
+    assert "reports no disks" in err
     assert sim.node.mutating_commands() == []
 
 
@@ -339,7 +356,7 @@ def test_late_placement_is_refused_for_smf_zones(sim: Node) -> None:
     uuid = sim.zone()
     code, _, err = sim.create(uuid, "--mode", "legacy")
     assert code == 2
-    assert "--mode legacy (the classic late placement) exists for systemd guests; proto is joyent" in err
+    assert "--mode legacy (the classic late placement) exists for Linux guests (lx, bhyve, kvm); proto is joyent" in err
     assert sim.node.mutating_commands() == []
 
 

@@ -45,9 +45,12 @@ scripts in ``remote/``), ``zfs`` (marked snapshots, the streamed export), ``imga
 Customer metadata lives in ``<zonepath>/config`` on the zone dataset, so the rollback
 restores it too.
 
-bhyve and kvm VMs are refused: their disks are zvols holding a guest filesystem the
-global zone must not mount, so the early service cannot be placed safely from here
-(docs/smartos-backend.md). lx zones must boot systemd (the unit is a systemd unit).
+bhyve and kvm VMs (Linux guests) differ in validate, inject and export (``hvm``): their
+disks are zvols holding a guest filesystem the global zone must not mount, so imgprep
+opens disks[0] from its own host over SSH and libguestfs writes the early unit inside
+its appliance; the checkpoint covers the zone dataset and every disk's zvol, and the
+image is ``zfs send`` of ``<disk0>@final`` (docs/smartos-backend.md). lx zones must
+boot systemd (the unit is a systemd unit).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from typing import Any, Self
 
 from imgprep import artifacts, safejson
 from imgprep.backends.base import Backend, JobState, StopTimeout, VmFacts
-from imgprep.backends.smartos import imgadm, zfs
+from imgprep.backends.smartos import hvm, imgadm, zfs
 from imgprep.backends.smartos.node import Node, ZoneFile
 from imgprep.channel import STATES, GuestStatus, cap_field, parse_report
 from imgprep.errors import CommandError, ImgprepError, InvalidInput, TransientError, VmBusy
@@ -74,12 +77,7 @@ from imgprep.workflow import Engine
 log = logging.getLogger(__name__)
 
 ZONE_BRANDS = ("joyent", "joyent-minimal", "lx")
-REFUSED_BRANDS = {
-    "bhyve": "bhyve VMs are not supported by the SmartOS backend: the early-boot service would have to be "
-    "written into the guest filesystem inside a zvol, which the global zone must not mount",
-    "kvm": "kvm VMs are not supported by the SmartOS backend: the early-boot service would have to be "
-    "written into the guest filesystem inside a zvol, which the global zone must not mount",
-}
+REFUSED_BRANDS: dict[str, str] = {}
 STATE_KEY = "prepare-image:state"
 ERROR_KEY = "prepare-image:error"
 REPORT_KEY = "imgprep:report"  # the boot report: the lx runner's, or the SMF method's (clock=zone)
@@ -109,7 +107,8 @@ class Zone:
     brand: str
     zonepath: str
     zfs_filesystem: str
-    datasets: list[str]
+    datasets: list[str]  # what the checkpoint snapshots: the zone dataset, delegated datasets, disk zvols
+    disks: list[str] = dataclasses.field(default_factory=list)  # bhyve/kvm: the disks' zvols, disks[0] imaged
 
 
 @dataclasses.dataclass
@@ -130,6 +129,7 @@ class SmartosState(JobState):
     injected: list[str] = dataclasses.field(default_factory=list)
     disks_restored: bool = False
     stream_bytes: int | None = None
+    guest_os: dict[str, str] | None = None  # bhyve/kvm: what libguestfs inspected on disks[0]
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
@@ -337,13 +337,21 @@ class SmartosBackend(Backend[SmartosState]):
     def _validate(self, node: Node, uuid: str, vm: dict[str, Any]) -> VmFacts:
         name = str(vm.get("alias") or uuid)
         brand = str(vm.get("brand"))
+        if brand in hvm.HVM_BRANDS:
+            return hvm.validate(self, node, uuid, vm)
         if brand in REFUSED_BRANDS:
             raise InvalidInput(f"VM {name} (brand {brand}): {REFUSED_BRANDS[brand]}", code="NotSupported")
         problems: list[str] = []
         if brand not in ZONE_BRANDS:
-            problems.append(f"VM {name} has brand {brand!r}; the SmartOS backend prepares {', '.join(ZONE_BRANDS)}")
+            problems.append(
+                f"VM {name} has brand {brand!r}; the SmartOS backend prepares "
+                f"{', '.join((*ZONE_BRANDS, *hvm.HVM_BRANDS))}"
+            )
         if self.request.mode == "legacy" and brand != "lx":
-            problems.append(f"--mode legacy (the classic late placement) exists for systemd guests; {name} is {brand}")
+            problems.append(
+                f"--mode legacy (the classic late placement) exists for Linux guests (lx, bhyve, kvm); "
+                f"{name} is {brand}"
+            )
         state = vm.get("state")
         if state not in ("running", "stopped"):
             problems.append(f"VM {name} is {state!r}; it must be running or stopped")
@@ -429,6 +437,10 @@ class SmartosBackend(Backend[SmartosState]):
     def inject(self) -> None:
         if self._vm().get("state") != "stopped":
             raise ImgprepError("the zone is running; refusing to write into its root", code="VmRunning")
+        if self._zone.disks:
+            hvm.inject(self)
+            self._run(["vmadm", "update", self._uuid], input=json.dumps(self._contract_reset()).encode())
+            return
         files = self._lx_files() if self._zone.brand == "lx" else self._smf_files()
         self.state.injected = [f.rel for f in files]
         self.persist()
@@ -443,8 +455,11 @@ class SmartosBackend(Backend[SmartosState]):
                 "the zone was started while imgprep wrote into its root; halted, to be rolled back", code="VmRunning"
             )
         # The contract's keys must start empty (imgadm does the same before its boot).
-        update = {"remove_customer_metadata": [STATE_KEY, ERROR_KEY, REPORT_KEY, LOG_KEY]}
-        self._run(["vmadm", "update", self._uuid], input=json.dumps(update).encode())
+        self._run(["vmadm", "update", self._uuid], input=json.dumps(self._contract_reset()).encode())
+
+    @staticmethod
+    def _contract_reset() -> dict[str, list[str]]:
+        return {"remove_customer_metadata": [STATE_KEY, ERROR_KEY, REPORT_KEY, LOG_KEY]}
 
     def _smf_files(self) -> list[ZoneFile]:
         """joyent zones: the early SMF service (docs/smartos-guest.md)."""
@@ -524,12 +539,16 @@ class SmartosBackend(Backend[SmartosState]):
         dataset = self._zone.zfs_filesystem
         if self._vm().get("state") != "stopped":
             raise ImgprepError("the zone is not stopped; refusing to snapshot it", code="VmRunning")
-        if self._zone.brand == "lx":
+        if self._zone.disks:  # bhyve/kvm: the image is disks[0]
+            hvm.check_clean(self)
+            dataset = self._zone.disks[0]
+            leftovers_of = []
+        elif self._zone.brand == "lx":
             leftovers_of = [LX_UNIT_IN_ZONE, artifacts.wants_link("early").lstrip("/"), LX_PREFIX_IN_ZONE]
             leftovers_of.append(artifacts.wants_link("legacy").lstrip("/"))
         else:
             leftovers_of = [MANIFEST_IN_ZONE, METHOD_IN_ZONE, STATE_DIR_IN_ZONE]
-        leftovers = self._node().present(self._zone_root(), leftovers_of)
+        leftovers = self._node().present(self._zone_root(), leftovers_of) if leftovers_of else []
         if leftovers:
             raise ImgprepError(
                 f"the prepare boot left imgprep files in the zone: {', '.join(leftovers)}; not imaging it",
