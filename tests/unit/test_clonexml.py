@@ -145,7 +145,7 @@ def test_clone_name() -> None:
 
 def test_every_disk_becomes_its_qcow2_overlay_file() -> None:
     root, _ = make()
-    disks = {d.find("target").get("dev"): d for d in root.findall("./devices/disk")}  # type: ignore[union-attr]
+    disks = {str(d.find("target").get("dev")): d for d in root.findall("./devices/disk")}  # type: ignore[union-attr]
     assert sorted(disks) == ["sda", "vda", "vdb"]
     for target in ("vda", "vdb"):
         disk = disks[target]
