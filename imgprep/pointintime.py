@@ -50,6 +50,9 @@ CONSISTENCIES: tuple[Consistency, ...] = ("freeze", "stop", "crash")
 THAW_ATTEMPTS = 5
 THAW_RETRY_DELAY = 0.5  # seconds
 QEMU_NBD_START_TIMEOUT = 30.0
+BACKUP_END_TIMEOUT = 60.0
+# libvirt prints every error to stderr by default; ours are raised and reported once.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
 class CaptureError(ImgprepError):
@@ -473,7 +476,14 @@ def cleanup(conn: Any, vm_uuid: str, files: ViewFiles, clone_name: str | None) -
     except libvirt.libvirtError:
         dom = None
     if dom is not None and dom.isActive() and our_backup_job(dom, files):
-        dom.abortJob()
+        with contextlib.suppress(libvirt.libvirtError):  # it may end by itself meanwhile
+            dom.abortJob()
+        # the job ends asynchronously: libvirt then removes the socket and scratch files
+        deadline = time.monotonic() + BACKUP_END_TIMEOUT
+        while our_backup_job(dom, files):
+            if time.monotonic() > deadline:
+                raise CaptureError(f"the backup job of the prototype did not end within {BACKUP_END_TIMEOUT:.0f}s")
+            time.sleep(0.2)
         done.append("ended the backup job")
     if files.directory.exists():
         for pidfile in sorted(files.directory.glob("nbd-*.pid")):
@@ -481,6 +491,16 @@ def cleanup(conn: Any, vm_uuid: str, files: ViewFiles, clone_name: str | None) -
             stopped = _stop_qemu_nbd(pidfile, files.disk_socket(target))
             if stopped:
                 done.append(stopped)
-        shutil.rmtree(files.directory)
+        _rmtree(files.directory)
         done.append(f"removed {files.directory}")
     return done
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a tree whose files libvirt or QEMU may be removing at the same moment."""
+
+    def gone_already(_fn: Any, _path: str, info: Any) -> None:
+        if not issubclass(info[0], FileNotFoundError):
+            raise info[1]
+
+    shutil.rmtree(path, onerror=gone_already)  # onexc= from Python 3.12 on

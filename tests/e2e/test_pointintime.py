@@ -86,9 +86,9 @@ def counter_lines(dom: Any) -> int:
         return 0
 
 
-def imgprep_leftovers(conn: Any, files: pit.ViewFiles) -> list[str]:
-    """Clone domains, processes using the view directory, the directory itself."""
-    found = [d.name() for d in conn.listAllDomains() if d.name().startswith("imgprep-") and "-e2e-" not in d.name()]
+def imgprep_leftovers(conn: Any, files: pit.ViewFiles, clone: str | None) -> list[str]:
+    """The clone domain, processes using the view directory, the directory itself."""
+    found = [d.name() for d in conn.listAllDomains() if d.name() == clone]
     for proc in Path("/proc").iterdir():
         with contextlib.suppress(OSError):
             if proc.name.isdigit() and str(files.directory).encode() in (proc / "cmdline").read_bytes():
@@ -169,7 +169,7 @@ def test_running_prototype_with_agent_freeze_view_and_clone(make_prototype: Call
     assert not pit.our_backup_job(proto.dom, files)
     with pytest.raises(libvirt.libvirtError):
         proto.dom.backupGetXMLDesc(0)
-    assert imgprep_leftovers(conn, files) == []
+    assert imgprep_leftovers(conn, files, name) == []
     assert proto.persistent_xml() == persistent
     assert proto.dom.ID() == dom_id
 
@@ -201,7 +201,7 @@ def test_stop_consistency_restarts_the_prototype_at_once(make_prototype: Callabl
     finally:
         pit.cleanup(conn, proto.uuid, files, None)
     assert pit.cleanup(conn, proto.uuid, files, None) == []
-    assert imgprep_leftovers(conn, files) == []
+    assert imgprep_leftovers(conn, files, None) == []
     assert proto.is_running()
     assert proto.persistent_xml() == persistent
 
@@ -274,7 +274,7 @@ def test_shut_off_raw_and_block_disks_view_and_start_detection(
     finally:
         pit.cleanup(conn, proto.uuid, files, None)
     assert pit.cleanup(conn, proto.uuid, files, None) == []
-    assert imgprep_leftovers(conn, files) == []
+    assert imgprep_leftovers(conn, files, None) == []
     assert proto.persistent_xml() == persistent
     # nothing was written into the prototype's root disk by the view
     with open_guest([(Path(device), "raw")], readonly=True, force_tcg=True) as g:
