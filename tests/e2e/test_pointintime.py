@@ -279,3 +279,44 @@ def test_shut_off_raw_and_block_disks_view_and_start_detection(
     # nothing was written into the prototype's root disk by the view
     with open_guest([(Path(device), "raw")], readonly=True, force_tcg=True) as g:
         assert not g.exists(MARKER)
+
+
+def test_shut_off_backing_chain_view_is_the_chains_content(guest_image: GuestImage, libvirt_uri: str) -> None:
+    """A qcow2 disk over a backing file: the view shows the flattened chain, and the
+    overlay over it leaves both layers untouched."""
+    name = f"imgprep-e2e-{uuid.uuid4().hex[:8]}"
+    workdir = VM_ROOT / name
+    workdir.mkdir(parents=True)
+    base, top = workdir / "base.qcow2", workdir / "top.qcow2"
+    shutil.copyfile(guest_image.disk, base)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top)], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 1M 64k", str(top)], check=True, capture_output=True)
+    conn = libvirt.open(libvirt_uri)
+    dom = conn.defineXML(domain_xml(name, top, image=guest_image, console_log=workdir / "console.log"))
+    files = pit.ViewFiles(workdir / "view")
+    owner = pit.qemu_owner(conn)
+    try:
+        persistent = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        sums = [subprocess.run(["sha1sum", str(p)], check=True, capture_output=True).stdout for p in (base, top)]
+        files.create(owner)
+        view = pit.capture_shutoff(dom, files, pit.SourceDisk.from_xml(persistent), owner)
+        pit.make_overlays(view)
+        (disk,) = view.disks
+        # the view is the chain's content (top's write and base's data), read through NBD
+        subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", disk.uri, str(top)], check=True)
+        subprocess.run(["qemu-io", "-c", "write -P 0xa5 1M 64k", str(disk.overlay)], check=True, capture_output=True)
+        # control: the overlay now differs from the prototype's disk, which did not change
+        differ = subprocess.run(
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk.overlay), str(top)], check=False
+        )
+        assert differ.returncode == 1
+        assert [
+            subprocess.run(["sha1sum", str(p)], check=True, capture_output=True).stdout for p in (base, top)
+        ] == sums
+        pit.check_unchanged(dom, view)
+    finally:
+        pit.cleanup(conn, dom.UUIDString(), files, None)
+        remove_domain(dom)
+    assert imgprep_leftovers(conn, files, None) == []
+    conn.close()
+    shutil.rmtree(workdir, ignore_errors=True)
