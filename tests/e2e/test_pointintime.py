@@ -218,6 +218,9 @@ def block_and_raw_prototype(guest_image: GuestImage, libvirt_uri: str) -> Iterat
     subprocess.run(
         ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(guest_image.disk), str(root_raw)], check=True
     )
+    # the guest's fstab names /dev/vda; here root is the second disk: mount it by label
+    with open_guest([(root_raw, "raw")], readonly=False, force_tcg=True) as g:
+        g.write("/etc/fstab", b"LABEL=root / ext4 rw,errors=remount-ro 0 1\n", 0o644)
     loop = subprocess.run(["losetup", "-f", "--show", str(root_raw)], check=True, capture_output=True, text=True)
     device = loop.stdout.strip()
     xml = ET.fromstring(domain_xml(name, data, image=guest_image, console_log=workdir / "console.log", root="/dev/vdb"))
