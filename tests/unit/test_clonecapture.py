@@ -1,0 +1,39 @@
+"""Clone mode's choices and its job-record state, without a host."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imgprep import pointintime as pit
+from imgprep.clonecapture import _view_from_json, choose_consistency
+from imgprep.errors import InvalidInput
+
+
+def test_consistency_defaults_freeze_with_agent_stop_without_shutoff_when_off() -> None:
+    assert choose_consistency(None, running=True, agent_answers=True) == "freeze"
+    assert choose_consistency(None, running=True, agent_answers=False) == "stop"
+    assert choose_consistency("crash", running=True, agent_answers=False) == "crash"
+    assert choose_consistency("stop", running=True, agent_answers=True) == "stop"
+    assert choose_consistency("freeze", running=False, agent_answers=False) == "shutoff"
+
+
+def test_freeze_without_an_agent_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="guest agent"):
+        choose_consistency("freeze", running=True, agent_answers=False)
+
+
+def test_view_survives_the_job_record() -> None:
+    source = pit.SourceDisk("vdb", "block", "raw", "/dev/loop3")
+    view = pit.View(
+        "qemu-nbd",
+        "shutoff",
+        (pit.ViewDisk("vdb", "nbd+unix:///vdb?socket=/j/nbd-vdb.sock", Path("/j/vdb.overlay.qcow2"), source),),
+        1.5,
+        pit.FreezeReport(2, 80.5, 1),
+        None,
+        {"state": 5, "reason": 1, "disks": {"vdb": {"rdev": "7:3", "sectors_written": 8}}},
+    )
+    assert _view_from_json(json.loads(json.dumps(view.as_json()))) == view
