@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 def choose_consistency(requested: pit.Consistency | None, running: bool, agent_answers: bool) -> str:
     """``freeze`` when the agent answers, else ``stop``, unless asked otherwise;
     ``shutoff`` for a shut-off prototype. Asking for a freeze without an agent fails
-    (like Nova's os_require_quiesce): a silently weaker image is worse than none."""
+    (like Nova's os_require_quiesce): a silently weaker image is worse than none.
+    Asking for ``stop`` while the agent answers fails too (docs/capture.md, Limits)."""
     if not running:
         return "shutoff"
     if requested is None:
@@ -40,6 +41,14 @@ def choose_consistency(requested: pit.Consistency | None, running: bool, agent_a
             "--consistency freeze needs the QEMU guest agent, which does not answer; "
             "use --consistency stop (a brief shutdown) or crash",
             code="AgentUnavailable",
+        )
+    if requested == "stop" and agent_answers:
+        # libvirt 9.0 drops the agent's connect event while a backup job runs: a
+        # prototype restarted under the job would keep its agent disconnected
+        raise InvalidInput(
+            "--consistency stop would leave the guest agent of the restarted VM disconnected from libvirt; "
+            "the agent answers, so use --consistency freeze (no downtime)",
+            code="AgentWouldDisconnect",
         )
     return requested
 

@@ -16,13 +16,20 @@ def test_consistency_defaults_freeze_with_agent_stop_without_shutoff_when_off() 
     assert choose_consistency(None, running=True, agent_answers=True) == "freeze"
     assert choose_consistency(None, running=True, agent_answers=False) == "stop"
     assert choose_consistency("crash", running=True, agent_answers=False) == "crash"
-    assert choose_consistency("stop", running=True, agent_answers=True) == "stop"
+    assert choose_consistency("stop", running=True, agent_answers=False) == "stop"
+    assert choose_consistency("crash", running=True, agent_answers=True) == "crash"
     assert choose_consistency("freeze", running=False, agent_answers=False) == "shutoff"
 
 
 def test_freeze_without_an_agent_is_refused() -> None:
     with pytest.raises(InvalidInput, match="guest agent"):
         choose_consistency("freeze", running=True, agent_answers=False)
+
+
+def test_stop_with_an_answering_agent_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="disconnected") as err:
+        choose_consistency("stop", running=True, agent_answers=True)
+    assert err.value.code == "AgentWouldDisconnect"
 
 
 def test_view_survives_the_job_record() -> None:
