@@ -159,8 +159,26 @@ class CloneCapture:
         files = self.files if self.state.view_dir else None
         if files is None:
             return  # nothing was created
+        if self.state.consistency == "stop" and self.state.view is None:
+            self._restart_after_stop()
         done = pit.cleanup(self._conn(), self.vm_uuid, files, self.state.clone_name)
         self.state.cleaned += done
+        self._persist()
+
+    def _restart_after_stop(self) -> None:
+        """A stop-mode capture that did not finish (imgprep died or failed between the
+        shutdown and the resume): the prototype was running, so it runs again."""
+        try:
+            dom = self._dom()
+            state = dom.state()[0]
+        except libvirt.libvirtError:
+            return
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            dom.resume()
+            self.state.cleaned.append("resumed the prototype")
+        elif state == libvirt.VIR_DOMAIN_SHUTOFF:
+            dom.create()
+            self.state.cleaned.append("started the prototype again")
         self._persist()
 
     # --- what the rest of the chain uses ------------------------------------------
