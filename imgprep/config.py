@@ -18,6 +18,8 @@ from imgprep.errors import InvalidInput
 
 COMPRESSIONS = ("none", "gzip", "xz", "zstd")
 BACKENDS = ("libvirt", "smartos")
+CAPTURES = ("clone", "in-place")  # libvirt: how the prototype's disks are captured (docs/capture.md)
+CONSISTENCIES = ("auto", "freeze", "stop", "crash")
 
 
 def default_state_dir() -> Path:
@@ -69,6 +71,8 @@ class Config:
     timeouts: Timeouts = Timeouts()
     force_stop: bool = False
     strict: bool = False  # an export over IMGAPI's limits fails the job (imgprep.limits)
+    capture: str = "clone"  # libvirt: clone (the prototype keeps running) or in-place
+    consistency: str = "auto"  # clone of a running VM: auto (freeze if the agent answers, else stop)
     script: Path | None = None
     libguestfs_tcg: bool = False
     retry_attempts: int = 5
@@ -234,6 +238,12 @@ def load_config(path: Path, base: Config | None = None) -> Config:
             value = _scalar(node)
             if value not in COMPRESSIONS:
                 problems.add(node, key, f"must be one of {', '.join(COMPRESSIONS)}, got {value!r}")
+            changes[key] = value
+        elif key in ("capture", "consistency"):
+            value = _scalar(node)
+            choices: tuple[str, ...] = CAPTURES if key == "capture" else CONSISTENCIES
+            if value not in choices:
+                problems.add(node, key, f"must be one of {', '.join(choices)}, got {value!r}")
             changes[key] = value
         elif key in ("force_stop", "libguestfs_tcg", "strict"):
             changes[key] = _bool(node, key, problems)
