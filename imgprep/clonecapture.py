@@ -58,6 +58,7 @@ class CloneState:
     """The clone capture's part of the job record (JSON-able)."""
 
     view_dir: str | None = None
+    socket_dir: str | None = None  # the NBD sockets (a short path)
     clone_name: str | None = None
     clone_uuid: str | None = None
     consistency: str | None = None
@@ -84,6 +85,7 @@ class CloneCapture:
         consistency: pit.Consistency | None = None,
         agent_timeout: int = 10,
         stop_timeout: float = 300.0,
+        socket_root: Path | None = None,
     ) -> None:
         self._conn = conn
         self.vm_uuid = vm_uuid
@@ -95,6 +97,7 @@ class CloneCapture:
         self.requested = consistency
         self.agent_timeout = agent_timeout
         self.stop_timeout = stop_timeout
+        self.socket_root = socket_root
         self._view: pit.View | None = None
 
     # --- the steps ---------------------------------------------------------------
@@ -107,7 +110,10 @@ class CloneCapture:
 
     @property
     def files(self) -> pit.ViewFiles:
-        return pit.ViewFiles(Path(self.state.view_dir or self.view_root / self.job_uuid))
+        socket_dir = self.state.socket_dir or (str(self.socket_root / self.job_uuid) if self.socket_root else None)
+        return pit.ViewFiles(
+            Path(self.state.view_dir or self.view_root / self.job_uuid), Path(socket_dir) if socket_dir else None
+        )
 
     def _dom(self) -> Any:
         return self._conn().lookupByUUIDString(self.vm_uuid)
@@ -118,6 +124,7 @@ class CloneCapture:
         conn, dom = self._conn(), self._dom()
         files = self.files
         self.state.view_dir = str(files.directory)
+        self.state.socket_dir = str(files.socket_dir) if files.socket_dir else None
         self.state.clone_name = clone_name(self.job_uuid, self.vm_name)
         self.state.clone_uuid = str(uuidlib.uuid4())
         self._persist()  # before anything exists: cleanup must know where to look

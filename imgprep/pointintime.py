@@ -113,18 +113,28 @@ class SourceDisk:
         return disks
 
 
+SOCKET_ROOT = Path("/run/imgprep/views")  # short: a UNIX socket path has at most 107 bytes
+
+
 @dataclasses.dataclass(frozen=True)
 class ViewFiles:
-    """Everything a view puts on the host, under one directory (the view directory)."""
+    """Everything a view puts on the host: files under one directory (the view
+    directory), the NBD sockets under ``socket_dir`` (by default the same directory;
+    a UNIX socket path must be short, so imgprep passes one under ``SOCKET_ROOT``)."""
 
     directory: Path
+    socket_dir: Path | None = None
+
+    @property
+    def sockets(self) -> Path:
+        return self.socket_dir or self.directory
 
     @property
     def socket(self) -> Path:
-        return self.directory / "nbd.sock"
+        return self.sockets / "nbd.sock"
 
     def disk_socket(self, target: str) -> Path:
-        return self.directory / f"nbd-{target}.sock"
+        return self.sockets / f"nbd-{target}.sock"
 
     def pidfile(self, target: str) -> Path:
         return self.directory / f"nbd-{target}.pid"
@@ -145,12 +155,13 @@ class ViewFiles:
     def create(self, owner: tuple[int, int]) -> None:
         """Make the directory, owned by QEMU's user (it binds the socket and opens the
         overlays there), and make sure QEMU can traverse every parent."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chown(self.directory, *owner)
-        for parent in self.directory.parents:
-            mode = parent.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)  # traverse only, no listing
+        for directory in {self.directory, self.sockets}:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chown(directory, *owner)
+            for parent in directory.parents:
+                mode = parent.stat().st_mode
+                if not mode & stat.S_IXOTH:
+                    os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)  # traverse only, no listing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,6 +504,9 @@ def cleanup(conn: Any, vm_uuid: str, files: ViewFiles, clone_name: str | None) -
                 done.append(stopped)
         _rmtree(files.directory)
         done.append(f"removed {files.directory}")
+    if files.socket_dir is not None and files.socket_dir.exists():
+        _rmtree(files.socket_dir)
+        done.append(f"removed {files.socket_dir}")
     return done
 
 

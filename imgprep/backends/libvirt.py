@@ -742,6 +742,7 @@ class CloneCapture:
                 persist=b.persist,
                 consistency=None if requested == "auto" else requested,  # type: ignore[arg-type]
                 stop_timeout=b.config.timeouts.stop,
+                socket_root=pit.SOCKET_ROOT,
             )
         return self._view
 

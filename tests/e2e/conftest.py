@@ -125,8 +125,9 @@ def make_prototype(
     conn = libvirt.open(libvirt_uri)
     made: list[tuple[Prototype, Path]] = []
 
-    def make(extra_cmdline: str = "", split: bool = False) -> Prototype:
-        """``split``: root on partition 1 of disk 1, /var on a second disk."""
+    def make(extra_cmdline: str = "", split: bool = False, agent: bool = True) -> Prototype:
+        """``split``: root on partition 1 of disk 1, /var on a second disk; ``agent``: with
+        the QEMU guest agent's channel (without it, the guest's agent never connects)."""
         name = f"imgprep-e2e-{uuid.uuid4().hex[:8]}"
         workdir = VM_ROOT / name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,7 @@ def make_prototype(
             extra_cmdline=extra_cmdline,
             extra_disks=more,
             root="/dev/vda1" if split else "/dev/vda",
+            agent=agent,
         )
         dom = conn.defineXML(xml)
         proto = Prototype(name, dom.UUIDString(), disk, console, conn, more)

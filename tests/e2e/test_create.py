@@ -158,9 +158,11 @@ def test_failing_script_restores_the_exact_disk(
     subprocess.run(["cp", "--sparse=always", str(prototype.disk), str(reference)], check=True)
     definition_before = prototype.persistent_xml()
 
+    # in place (the prototype itself is prepared): a failure reverts its disk exactly
     result = imgprep(
-        "create", "--vm", prototype.name, "--script", str(script), "--output-dir", str(output_dir), "--json", *TIMEOUTS
-    )
+        "create", "--vm", prototype.name, "--capture", "in-place", "--script", str(script),
+        "--output-dir", str(output_dir), "--json", *TIMEOUTS,
+    )  # fmt: skip
 
     assert result.returncode == 1, result.stderr
     summary = result.summary
@@ -196,7 +198,7 @@ def test_partitioned_guest_with_var_on_a_second_disk(
     make_prototype: Callable[..., Prototype], imgprep: Any, output_dir: Path, tmp_path: Path
 ) -> None:
     """Not only the test guest's layout: root on a partition, /var (where imgprep's runner
-    is injected) on a second qcow2 disk. Both disks are checkpointed and restored."""
+    is injected) on a second qcow2 disk. Both disks are in the clone; neither is written."""
     proto = make_prototype(split=True)
     proto.start()  # its first boot commits a machine-id, like any prototype
     proto.shutdown()
