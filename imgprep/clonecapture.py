@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -158,9 +159,11 @@ class CloneCapture:
 
     def overlays(self) -> None:
         view = self.view()
-        if all(d.overlay.exists() for d in view.disks):
-            return
-        pit.make_overlays(view)
+        if not all(d.overlay.exists() for d in view.disks):
+            pit.make_overlays(view)
+        owner = pit.qemu_owner(self._conn())
+        for disk in view.disks:  # the clone's QEMU (and libvirt probing as its user) opens them
+            os.chown(disk.overlay, *owner)
 
     def discard(self) -> None:
         files = self.files if self.state.view_dir else None

@@ -29,6 +29,14 @@ def default_state_dir() -> Path:
     return Path(xdg) / "imgprep"
 
 
+def default_view_dir() -> Path:
+    """Clone mode's views (overlays, scratch files): outside the private state directory,
+    because QEMU's user must reach them."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/imgprep-views")
+    return default_state_dir().with_name("imgprep-views")
+
+
 @dataclasses.dataclass(frozen=True)
 class Timeouts:
     """Per-stage timeouts in seconds (imgadm hard-codes 300 s; here each is configurable)."""
@@ -66,6 +74,7 @@ class ServeConfig:
 class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: Path = dataclasses.field(default_factory=default_state_dir)
+    view_dir: Path = dataclasses.field(default_factory=default_view_dir)  # clone mode: overlays, scratch
     output_dir: Path = Path()
     compression: str | None = None  # None: the backend's default (libvirt zstd, smartos gzip)
     timeouts: Timeouts = Timeouts()
@@ -231,7 +240,7 @@ def load_config(path: Path, base: Config | None = None) -> Config:
     for key, node in top.items():
         if key in ("libvirt_uri",):
             changes[key] = _str(node, key, problems)
-        elif key in ("state_dir", "output_dir", "script"):
+        elif key in ("state_dir", "output_dir", "script", "view_dir"):
             value = _str(node, key, problems)
             changes[key] = Path(value).expanduser() if value else None
         elif key == "compression":

@@ -737,7 +737,7 @@ class CloneCapture:
                 vm_uuid=b.state.vm_uuid,
                 vm_name=b.state.vm_name,
                 job_uuid=b.record["uuid"],
-                view_root=b.config.state_dir / "views",
+                view_root=b.config.view_dir,
                 state=b.state.clone,
                 persist=b.persist,
                 consistency=None if requested == "auto" else requested,  # type: ignore[arg-type]

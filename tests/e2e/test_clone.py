@@ -22,6 +22,7 @@ import libvirt
 import pytest
 
 from imgprep import pointintime as pit
+from imgprep.config import Config
 from imgprep.libguestfs import open_guest
 from tests.e2e.conftest import LIBVIRT_URI, Prototype
 from tests.e2e.test_create import TIMEOUTS, inspect_disk, sha1_of
@@ -37,19 +38,19 @@ from tests.e2e.test_pointintime import block_and_raw_prototype as _raw_and_block
 pytestmark = pytest.mark.e2e
 
 
-def leftovers(conn: Any, state_dir: Path, job_uuid: str, proto: Prototype) -> list[str]:
+def leftovers(conn: Any, job_uuid: str, proto: Prototype) -> list[str]:
     """Anything a clone job may leave: its clone, a backup job on the prototype, the
     view directory or a process using it."""
     found = [d.name() for d in conn.listAllDomains() if d.name().startswith(f"imgprep-{job_uuid[:8]}")]
     if proto.is_running():
         with contextlib.suppress(libvirt.libvirtError):  # no job: "no domain backup job"
             found.append(f"backup job {proto.dom.backupGetXMLDesc(0)[:80]}")
-    views = state_dir / "views"
+    views = Config().view_dir / job_uuid
     if views.exists():
-        found += [str(p) for p in views.iterdir()]
+        found.append(str(views))
     if (pit.SOCKET_ROOT / job_uuid).exists():
         found.append(str(pit.SOCKET_ROOT / job_uuid))
-    for proc in Path("/proc").iterdir():
+    for proc in Path("/proc").iterdir():  # (a qemu-nbd serving the view)
         with contextlib.suppress(OSError):
             if proc.name.isdigit() and str(views).encode() in (proc / "cmdline").read_bytes():
                 found.append(f"process {proc.name}")
@@ -61,9 +62,7 @@ def image_counter(image: Path) -> bytes:
         return g.read(COUNTER)
 
 
-def test_clone_of_running_prototype_with_agent(
-    prototype: Prototype, imgprep: Any, output_dir: Path, state_dir: Path
-) -> None:
+def test_clone_of_running_prototype_with_agent(prototype: Prototype, imgprep: Any, output_dir: Path) -> None:
     """The default: freeze through the agent; the prototype never stops."""
     prototype.start()
     wait_for("the agent", lambda: pit.agent_answers(prototype.dom))
@@ -112,7 +111,7 @@ def test_clone_of_running_prototype_with_agent(
     assert facts["traces"] == []
 
     # Nothing of the job remains; the record names the clone's steps.
-    assert leftovers(prototype.conn, state_dir, summary["job_uuid"], prototype) == []
+    assert leftovers(prototype.conn, summary["job_uuid"], prototype) == []
     record = json.loads(imgprep("jobs", "get", summary["job_uuid"]).stdout)
     assert [c["name"] for c in record["chain"]][1:3] == ["capture", "overlays"]
     assert [s["name"] for s in record["always"]] == ["discard_clone"]
@@ -171,7 +170,6 @@ def test_clone_stop_consistency_without_agent(
     make_prototype: Callable[..., Prototype],
     imgprep: Any,
     output_dir: Path,
-    state_dir: Path,
     lifecycle: Callable[[str], LifecycleEvents],
 ) -> None:
     """No agent: ``--consistency stop`` shuts the prototype down once and starts it once."""
@@ -202,11 +200,11 @@ def test_clone_stop_consistency_without_agent(
     assert facts["ssh_host_keys"] == []
     assert facts["machine_id"] == "uninitialized\n"
     assert facts["traces"] == []
-    assert leftovers(proto.conn, state_dir, result.summary["job_uuid"], proto) == []
+    assert leftovers(proto.conn, result.summary["job_uuid"], proto) == []
 
 
 def test_clone_of_shut_off_prototype_raw_and_block_disks(
-    block_and_raw_prototype: tuple[Prototype, str], imgprep: Any, output_dir: Path, state_dir: Path
+    block_and_raw_prototype: tuple[Prototype, str], imgprep: Any, output_dir: Path
 ) -> None:
     """vda a raw data disk, vdb a block device (a loop device) holding the root
     filesystem: both are in the clone; the root disk is found by inspection."""
@@ -231,5 +229,5 @@ def test_clone_of_shut_off_prototype_raw_and_block_disks(
     assert not proto.is_running()
     assert proto.persistent_xml() == definition_before
     assert {"data": sha1_of(data_disk), "root": sha1_of(Path(device))} == before, "the prototype was written"
-    assert leftovers(proto.conn, state_dir, summary["job_uuid"], proto) == []
+    assert leftovers(proto.conn, summary["job_uuid"], proto) == []
     subprocess.run(["qemu-img", "check", summary["file"]], check=True, capture_output=True)

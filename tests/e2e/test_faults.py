@@ -172,16 +172,13 @@ def wait_agent(proto: Prototype) -> None:
         time.sleep(1)
 
 
-def clone_leftovers(proto: Prototype, state_dir: Path, job_uuid: str) -> list[str]:
+def clone_leftovers(proto: Prototype, job_uuid: str) -> list[str]:
     """The clone domain, a backup job on the prototype, the view directory."""
     found = [d.name() for d in proto.conn.listAllDomains() if d.name().startswith(f"imgprep-{job_uuid[:8]}")]
     if proto.is_running():
         with contextlib.suppress(libvirt.libvirtError):  # no job: an error
             found.append(f"backup job {proto.dom.backupGetXMLDesc(0)[:80]}")
-    views = state_dir / "views"
-    sockets = pit.SOCKET_ROOT / job_uuid
-    found += [str(p) for p in views.iterdir()] if views.exists() else []
-    return found + ([str(sockets)] if sockets.exists() else [])
+    return found + [str(p) for p in (Config().view_dir / job_uuid, pit.SOCKET_ROOT / job_uuid) if p.exists()]
 
 
 def job_record(imgprep: Any, job_uuid: str) -> dict[str, Any]:
@@ -254,7 +251,7 @@ def test_sigkill_during_step_then_recover(
         else:
             assert reference is not None
             assert_restored_exactly(proto, reference, output_dir, image_kept=chain == "always_results")
-        assert clone_leftovers(proto, tmp_path / "state", job.job_uuid) == []
+        assert clone_leftovers(proto, job.job_uuid) == []
     elif running:
         assert proto.is_running()
         assert proto.snapshots() == []
