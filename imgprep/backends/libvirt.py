@@ -471,9 +471,24 @@ class LibvirtBackend(Backend[LibvirtState]):
         targets = self.capture.targets()  # in the order of capture.disks(), as libguestfs added them
         self.capture.set_root(targets[guest.root_drive_index()])
 
+    def _boot_active(self, dom: Any) -> bool:
+        """Is the prepare boot's domain running? A transient domain that powered off is
+        gone: one that vanishes between its lookup and this question is not running."""
+        if dom is None:
+            return False
+        try:
+            return bool(dom.isActive())
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            if _is_transient(exc):
+                self._conn = None
+                raise TransientError(f"query state: {exc}") from None
+            raise ImgprepError(f"query state: {exc}", code="LibvirtError") from None
+
     def boot_prepare(self) -> None:
         dom = self.capture.boot_domain()
-        if dom is not None and self._call("query state", dom.isActive):
+        if self._boot_active(dom):
             if self._is_prepare_boot(dom):
                 return  # retried after a dropped connection: already booted
             raise ImgprepError("the VM is running before the prepare boot", code="VmRunning")
@@ -501,8 +516,7 @@ class LibvirtBackend(Backend[LibvirtState]):
     def poll_guest(self) -> tuple[GuestStatus, bool]:
         channel = self._guest_channel()
         status = channel.poll()
-        dom = self.capture.boot_domain()
-        powered_off = dom is None or not self._call("query state", dom.isActive)
+        powered_off = not self._boot_active(self.capture.boot_domain())
         if powered_off:  # what QEMU sent before it exited may still be in the socket: take it, then let go
             channel.drain()
             status = channel.poll()
