@@ -791,7 +791,14 @@ class CloneCapture:
         if b._channel is not None:
             b._channel.close()
             b._channel = None
+        thaw_failed: pit.ThawFailed | None = None
         try:
+            st = b.state.clone
+            if st.consistency == "freeze" and st.view is None:
+                try:
+                    self._thaw()  # imgprep died (or failed) between the freeze and the thaw
+                except pit.ThawFailed as exc:
+                    thaw_failed = exc  # loud, but the view is discarded first
             self.view.discard()
         except libvirt.libvirtError as exc:
             if _is_transient(exc):
@@ -799,6 +806,17 @@ class CloneCapture:
                 raise TransientError(f"discard the clone: {exc}") from None
             raise ImgprepError(f"discard the clone: {exc}", code="LibvirtError") from None
         b._channel_path().unlink(missing_ok=True)
+        if thaw_failed is not None:
+            raise thaw_failed
+
+    def _thaw(self) -> None:
+        """Thaw the prototype's filesystems (thawing a thawed guest does nothing)."""
+        b = self.backend
+        dom = b._domain()
+        if b._call("query state", dom.isActive):
+            attempts = pit.thaw(dom)
+            b.state.clone.cleaned.append(f"thawed the prototype's filesystems ({attempts} attempt(s))")
+            b.persist()
 
     def disks(self) -> list[tuple[Path, str]]:
         return self.view.disks()
