@@ -69,3 +69,17 @@ def test_the_capture_line_names_the_cost() -> None:
     assert format_capture(freeze) == "capture: clone, consistency freeze, filesystems frozen for 312 ms"
     stop = {"capture": "clone", "consistency": "stop", "downtime_s": 14.25}
     assert format_capture(stop).endswith("prototype down for 14.2 s")
+
+
+def test_the_clone_state_survives_the_record() -> None:
+    from imgprep.backends.libvirt import LibvirtState
+
+    state = LibvirtState(vm_uuid="u")
+    state.clone.view_dir = "/var/lib/imgprep-views/j"
+    state.clone.socket_dir = "/run/imgprep/views/j"
+    state.clone.root_target = "vdb"
+    state.in_place.downtime_s = 12.5
+    again = LibvirtState.from_json(state.to_json())
+    assert again.clone == state.clone
+    assert again.in_place == state.in_place
+    assert LibvirtState.from_json({"vm_uuid": "u"}).clone.view_dir is None  # a record from before clone mode
