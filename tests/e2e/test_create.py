@@ -50,7 +50,11 @@ def inspect_disk(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
             "etcd_files": files_under("/var/lib/etcd"),
             "redis_files": files_under("/var/lib/redis"),
             "traces": [p for p in TRACES if g.exists(p)]
-            + [f"/etc/systemd/system/{p}" for p in g.find("/etc/systemd/system") if "imgprep" in p],
+            + [
+                f"/etc/systemd/system/{p}"
+                for p in g.find("/etc/systemd/system")
+                if "imgprep" in p and "imgprep-test-writer" not in p  # the test guest's own writer
+            ],
             "firstboot_keygen": g.exists("/etc/systemd/system/ssh-hostkeys-firstboot.service"),
         }
 
