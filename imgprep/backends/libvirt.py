@@ -776,9 +776,9 @@ class CloneCapture:
 
     def capture(self) -> None:
         b = self.backend
+        b.mark_touched()  # first: from here on, recovery may have something to clean up
         if b.state.was_running is None:
             b.state.was_running = bool(b._call("query state", b._domain().isActive))
-        b.mark_touched()  # from here on, recovery has something to clean up
         self._run("take the point-in-time view", self.view.capture)
         b.record["capture"] = self.report()
         b.persist()
