@@ -342,7 +342,9 @@ def test_export_target_fills_up(
     )
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={needed + (8 << 20)}", "tmpfs", str(small)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={needed + (8 << 20)},mode=0700", "tmpfs", str(small)], check=True
+    )
     try:
         job = start_job("--vm", prototype.uuid, "--output-dir", str(small), *TIMEOUTS)
         job.wait_step("wait_running")  # validation (free space) passed; now the disk fills up
