@@ -33,7 +33,6 @@ from tests.e2e.test_pointintime import (
     wait_for,
 )
 from tests.e2e.test_pointintime import agent_read as agent_read_file
-from tests.e2e.test_pointintime import block_and_raw_prototype as _raw_and_block_fixture  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
