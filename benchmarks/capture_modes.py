@@ -112,10 +112,12 @@ def run_imgprep(vm_uuid: str, mode: str, workdir: Path, disk: Path) -> dict[str,
     cmd = [sys.executable, "-m", "imgprep", "create", "--vm", vm_uuid, "--json", *MODES[mode]]
     cmd += ["--output-dir", str(out_dir), *TIMEOUTS]
     watched = {str(p): p for p in (workdir, Config().view_dir.parent)}
+    os.sync()  # the prototype's disk copy (and anything else pending) is written before the window opens
     before = {k: sectors_written(p) for k, p in watched.items()}
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     total = time.time() - t0
+    os.sync()  # what the job left in the page cache counts too
     written = {k: (sectors_written(p) - before[k]) * 512 for k, p in watched.items()}
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     summary = lines[-1] if lines else {}
