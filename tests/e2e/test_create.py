@@ -34,9 +34,10 @@ TRACES = (
 )
 
 
-def inspect_disk(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
-    """Everything the tests assert about a guest disk, from one appliance launch."""
-    with open_guest([(path, fmt)], readonly=True, force_tcg=True) as g:
+def inspect_disk(path: Path, fmt: str = "qcow2", more: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Everything the tests assert about a guest disk, from one appliance launch
+    (``more``: the guest's other qcow2 disks, which its fstab mounts)."""
+    with open_guest([(path, fmt), *((p, "qcow2") for p in more)], readonly=True, force_tcg=True) as g:
 
         def files_under(directory: str) -> list[str]:
             if not g.is_dir(directory):
@@ -218,7 +219,8 @@ def test_partitioned_guest_with_var_on_a_second_disk(
     report = result.summary["boot_report"]
     assert report["late_services"] == []
     assert report["targets"]["sysinit.target"] == "inactive"
-    facts = inspect_disk(Path(result.summary["file"]))  # the boot disk: root, /var not in it
+    # the exported disk holds root; its fstab mounts /var from the second disk (not exported)
+    facts = inspect_disk(Path(result.summary["file"]), more=proto.more_disks)
     assert facts["ssh_host_keys"] == []
     assert facts["machine_id"] == "uninitialized\n"
     assert facts["traces"] == []
