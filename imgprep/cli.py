@@ -82,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="power off if a graceful stop times out",
     )
     create.add_argument("--accept-new-host-key", action="store_true", help="SmartOS: trust an unknown host key")
+    create.add_argument(
+        "--capture",
+        choices=["clone", "in-place"],
+        help="libvirt: clone (default: the prototype keeps running, a throwaway clone is prepared) "
+        "or in-place (the prototype is stopped, prepared and restored)",
+    )
+    create.add_argument(
+        "--consistency",
+        choices=["auto", "freeze", "stop", "crash"],
+        help="clone of a running VM: freeze (guest agent), stop (shut down, start again at once), "
+        "crash (as after a power loss); auto (default): freeze if the agent answers, else stop",
+    )
+    create.add_argument("--disk", help="the disk to export, by target (e.g. vdb; default: the root filesystem's)")
     create.add_argument("--mode", choices=["early", "legacy"], default="early", help=argparse.SUPPRESS)
     create.add_argument("--config", type=Path, help="YAML config file")
     create.add_argument("--json", action="store_true", help="JSON events on stdout, one per line")
@@ -180,7 +193,20 @@ def _summary(record: Record) -> dict[str, Any]:
         "execution": record["execution"],
         "error": record.get("error"),
         "boot_report": record.get("boot_report"),
+        "capture": record.get("capture"),
     }
+
+
+def format_capture(capture: dict[str, Any]) -> str:
+    """One line: how the prototype was captured and what it cost it."""
+    text = f"capture: {clean(str(capture.get('capture')))}"
+    if capture.get("consistency"):
+        text += f", consistency {clean(str(capture['consistency']))}"
+    if isinstance(capture.get("freeze_window_ms"), int | float):
+        text += f", filesystems frozen for {capture['freeze_window_ms']:.0f} ms"
+    if isinstance(capture.get("downtime_s"), int | float):
+        text += f", prototype down for {capture['downtime_s']:.1f} s"
+    return text
 
 
 def format_boot_report(report: dict[str, Any] | None) -> str:
@@ -240,6 +266,9 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         mode=args.mode,
         strict=args.strict,
         accept_new_host_key=bool(args.accept_new_host_key),
+        capture=args.capture,
+        consistency=args.consistency,
+        disk=args.disk,
     )
     cancel = CancelToken()
     events = JsonEvents(out) if args.json else HumanEvents(err)
@@ -271,6 +300,8 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 f"image {summary['image_uuid']}\n  file:     {summary['file']}\n  manifest: {summary['manifest']}\n"
             )
         out.write(f"job {summary['job_uuid']}: {summary['execution']}\n")
+        if summary["capture"]:
+            out.write(format_capture(summary["capture"]) + "\n")
         out.write(format_boot_report(job.record.get("boot_report")) + "\n")
     return code
 

@@ -18,6 +18,8 @@ from imgprep.errors import InvalidInput
 
 COMPRESSIONS = ("none", "gzip", "xz", "zstd")
 BACKENDS = ("libvirt", "smartos")
+CAPTURES = ("clone", "in-place")  # libvirt: how the prototype's disks are captured (docs/capture.md)
+CONSISTENCIES = ("auto", "freeze", "stop", "crash")
 
 
 def default_state_dir() -> Path:
@@ -25,6 +27,14 @@ def default_state_dir() -> Path:
         return Path("/var/lib/imgprep")
     xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(xdg) / "imgprep"
+
+
+def default_view_dir() -> Path:
+    """Clone mode's views (overlays, scratch files): outside the private state directory,
+    because QEMU's user must reach them."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/imgprep-views")
+    return default_state_dir().with_name("imgprep-views")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +74,14 @@ class ServeConfig:
 class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: Path = dataclasses.field(default_factory=default_state_dir)
+    view_dir: Path = dataclasses.field(default_factory=default_view_dir)  # clone mode: overlays, scratch
     output_dir: Path = Path()
     compression: str | None = None  # None: the backend's default (libvirt zstd, smartos gzip)
     timeouts: Timeouts = Timeouts()
     force_stop: bool = False
     strict: bool = False  # an export over IMGAPI's limits fails the job (imgprep.limits)
+    capture: str = "clone"  # libvirt: clone (the prototype keeps running) or in-place
+    consistency: str = "auto"  # clone of a running VM: auto (freeze if the agent answers, else stop)
     script: Path | None = None
     libguestfs_tcg: bool = False
     retry_attempts: int = 5
@@ -227,13 +240,19 @@ def load_config(path: Path, base: Config | None = None) -> Config:
     for key, node in top.items():
         if key in ("libvirt_uri",):
             changes[key] = _str(node, key, problems)
-        elif key in ("state_dir", "output_dir", "script"):
+        elif key in ("state_dir", "output_dir", "script", "view_dir"):
             value = _str(node, key, problems)
             changes[key] = Path(value).expanduser() if value else None
         elif key == "compression":
             value = _scalar(node)
             if value not in COMPRESSIONS:
                 problems.add(node, key, f"must be one of {', '.join(COMPRESSIONS)}, got {value!r}")
+            changes[key] = value
+        elif key in ("capture", "consistency"):
+            value = _scalar(node)
+            choices: tuple[str, ...] = CAPTURES if key == "capture" else CONSISTENCIES
+            if value not in choices:
+                problems.add(node, key, f"must be one of {', '.join(choices)}, got {value!r}")
             changes[key] = value
         elif key in ("force_stop", "libguestfs_tcg", "strict"):
             changes[key] = _bool(node, key, problems)

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from imgprep.artifacts import artifact
 from imgprep.backends.base import Backend, CreateRequest, Plan
-from imgprep.config import COMPRESSIONS, Config
+from imgprep.config import CAPTURES, COMPRESSIONS, CONSISTENCIES, Config
 from imgprep.errors import ImgprepError, InvalidInput, RestoreFailed, VmBusy
 from imgprep.jobstore import JobStore, Record
 from imgprep.lock import VmLock, is_locked, lock_key
@@ -60,6 +60,9 @@ def build_request(
     strict: bool | None = None,
     accept_new_host_key: bool = False,
     require_host: bool = True,
+    capture: str | None = None,
+    consistency: str | None = None,
+    disk: str | None = None,
 ) -> CreateRequest:
     """Check every user input that does not need the hypervisor; report all problems."""
     problems: list[str] = []
@@ -104,6 +107,21 @@ def build_request(
         script_bytes, script_name = default.read_bytes(), default.name
     if mode not in ("early", "legacy"):
         problems.append(f"mode must be early or legacy, got {mode!r}")
+    if backend == "libvirt":
+        capture = capture or config.capture
+        consistency = consistency or config.consistency
+    else:  # the SmartOS backend captures with its own ZFS flow
+        if capture not in (None, "in-place") or consistency not in (None, "auto") or disk is not None:
+            problems.append(f"--capture, --consistency and --disk apply to the libvirt backend, not {backend}")
+        capture, consistency = "in-place", "auto"
+    if capture not in CAPTURES:
+        problems.append(f"capture must be one of {', '.join(CAPTURES)}, got {capture!r}")
+    if consistency not in CONSISTENCIES:
+        problems.append(f"consistency must be one of {', '.join(CONSISTENCIES)}, got {consistency!r}")
+    elif capture == "in-place" and consistency != "auto":
+        problems.append("--consistency applies to --capture clone (in place, the VM is shut down)")
+    if disk is not None and not (disk.isascii() and disk.isalnum() and len(disk) <= 32):
+        problems.append(f"--disk must be a disk target such as vda, got {disk!r}")
     if backend_cls is not None and backend_cls.needs_host and not host and require_host:
         problems.append(f"--host is required with --backend {backend}")
     if image_uuid is not None and not is_canonical(image_uuid):
@@ -124,6 +142,9 @@ def build_request(
         script_is_default=script_path is None,
         strict=config.strict if strict is None else strict,
         accept_new_host_key=accept_new_host_key,
+        capture=capture,
+        consistency=consistency,
+        disk=disk,
     )
 
 
@@ -349,12 +370,12 @@ def _settle_recovered_image(store: JobStore, record: Record) -> None:
         store.save_image(image_uuid, record["uuid"], "failed", manifest, None)
 
 
-def chain_names(config: Config, backend: str = "libvirt") -> dict[str, list[str]]:
+def chain_names(config: Config, backend: str = "libvirt", capture: str = "clone") -> dict[str, list[str]]:
     """The step names of a backend's chain -- ``create``, ``always``, ``onerror`` -- as every
-    job of it runs them (nothing is connected to)."""
+    job of it runs them (nothing is connected to). ``capture``: the libvirt capture."""
     request = CreateRequest(
         vm="", image_uuid="", manifest={}, script=b"", script_name="", compression="none",
-        output_dir=Path(), backend=backend,
+        output_dir=Path(), backend=backend, capture=capture if backend == "libvirt" else "in-place",
     )  # fmt: skip
     record = new_record(name="", params={}, chain=[], onerror=[], timeout=0)
     engine = Engine(record, cast(JobStore, None))

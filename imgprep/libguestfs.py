@@ -95,6 +95,23 @@ class Guest:
     def rm_rf(self, path: str) -> None:
         self.g.rm_rf(path)
 
+    def root_drive_index(self) -> int:
+        """Which drive (in the order they were added) holds the root filesystem, found by
+        inspection (a partition, a whole disk, or an LVM volume's first physical volume)."""
+        return self._drive_of(self.root)
+
+    def _drive_of(self, device: str) -> int:
+        if self.g.is_lv(device):
+            vg = str(self.g.lvm_canonical_lv_name(device)).split("/")[2]
+            uuids = {str(u).replace("-", "") for u in self.g.vgpvuuids(vg)}
+            pvs = [str(pv["pv_name"]) for pv in self.g.pvs_full() if str(pv["pv_uuid"]).replace("-", "") in uuids]
+            if not pvs:
+                raise GuestfsError(f"no physical volume found for the root volume group {vg}")
+            return min(self._drive_of(pv) for pv in pvs)
+        with contextlib.suppress(RuntimeError):
+            device = str(self.g.part_to_dev(device))  # a partition: its whole disk
+        return int(self.g.device_index(device))
+
 
 SELINUX_CONFIG = "/etc/selinux/config"
 SELINUX_CONFIG_MAX = 64 * 1024

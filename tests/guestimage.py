@@ -433,6 +433,13 @@ def demo_vm() -> str:
             if time.monotonic() > deadline or not dom.isActive():
                 raise RuntimeError(f"the demo VM did not boot; see {console}")
             time.sleep(1)
+        # clone mode freezes the running demo through its guest agent: wait until it answers
+        from imgprep.pointintime import agent_answers
+
+        while not agent_answers(dom, 5):
+            if time.monotonic() > deadline or not dom.isActive():
+                raise RuntimeError(f"the demo VM's guest agent never answered; see {console}")
+            time.sleep(1)
         return str(dom.UUIDString())
     finally:
         conn.close()

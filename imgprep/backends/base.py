@@ -56,6 +56,9 @@ class CreateRequest:
     script_is_default: bool = False  # no script given: the backend may pick another default per guest
     strict: bool = False  # an export over IMGAPI's limits fails the job (else: a warning)
     accept_new_host_key: bool = False  # smartos: trust (and record) an unknown host key
+    capture: str = "clone"  # libvirt: "clone" (a throwaway clone; the default) or "in-place"
+    consistency: str = "auto"  # clone of a running VM: auto, freeze, stop or crash
+    disk: str | None = None  # the disk to export (a target such as vdb); None: the root filesystem's
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -70,6 +73,7 @@ class CreateRequest:
         values["script"] = base64.b64decode(values.get("script", ""))
         values["output_dir"] = Path(values["output_dir"])
         values.setdefault("script_name", "")
+        values.setdefault("capture", "in-place")  # a record from before clone mode captured in place
         return cls(**values)
 
     @classmethod
@@ -90,6 +94,9 @@ class CreateRequest:
             "host": self.host,
             "mode": self.mode,
             "strict": self.strict,
+            "capture": self.capture,
+            "consistency": self.consistency,
+            "disk": self.disk,
         }
 
 

@@ -1,17 +1,23 @@
-"""libvirt/KVM backend: local qcow2 disks, a systemd guest, a pluggable capture.
+"""libvirt/KVM backend: local disks, a systemd guest, a pluggable capture.
 
 * capture (``Capture``): how the VM's disks are held still for the prepare boot and
-  given back after it. Each capture contributes its create steps, its always steps
-  and its own state dataclass. ``InPlaceCapture`` (the only one so far): stop the VM,
-  an internal qcow2 snapshot of every disk of the shut-off domain (exact, and
-  created/reverted in milliseconds); always: revert, delete the snapshot, restart;
+  given back after it. Each capture contributes its create steps, its always steps,
+  its own state dataclass, the disks inject writes and export reads, and the domain
+  the prepare boot runs as. ``CloneCapture`` (``--capture clone``, the default,
+  docs/capture.md): a point-in-time view of every disk (guest-agent freeze, stop or
+  crash consistency; the prototype keeps running), throwaway qcow2 overlays and a
+  transient clone; always: destroy the clone, end the backup job, delete the view.
+  ``InPlaceCapture`` (``--capture in-place``): stop the VM, an internal qcow2
+  snapshot of every disk of the shut-off domain; always: revert, delete the
+  snapshot, restart;
 * inject: the early unit, its runner and the operator script, written offline with
-  libguestfs;
-* prepare boot: ``createXML`` of the domain's own persistent definition plus one
-  extra serial port on a UNIX socket (the guest's channel to us, never rotated by
-  virtlogd and costing no host disk: see guestchannel.py) and ``on_poweroff``
-  destroy. The persistent definition is never changed: libvirt keeps it as the
-  domain's config while the live definition differs for this one boot.
+  libguestfs; inspection names the disk holding the root filesystem (the one
+  exported, unless ``--disk`` names another);
+* prepare boot: ``createXML`` of a live definition (in place: the domain's own
+  persistent definition; clone: the clone's) plus one extra serial port on a UNIX
+  socket (the guest's channel to us, never rotated by virtlogd and costing no host
+  disk: see guestchannel.py) and ``on_poweroff`` destroy. The prototype's
+  persistent definition is never changed.
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 import libvirt
 
 from imgprep import artifacts
+from imgprep import pointintime as pit
 from imgprep.backends.base import Backend, JobState, StopTimeout, VmFacts
 from imgprep.channel import ChannelParser, GuestStatus
+from imgprep.clonecapture import CloneCapture as CloneView
+from imgprep.clonecapture import CloneState, choose_consistency
 from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
 from imgprep.export import ExportResult, export_disk, export_need
 from imgprep.guestchannel import SocketChannel, prepare_socket_dir, socket_path
 from imgprep.leftovers import check_clean
-from imgprep.libguestfs import open_guest, selinux_label
+from imgprep.libguestfs import Guest, open_guest, selinux_label
 from imgprep.run import run
 from imgprep.workflow import Engine, Step
 
@@ -95,19 +104,29 @@ def disks_of(xml: str) -> list[dict[str, str]]:
     return disks
 
 
-def prepare_xml(persistent_xml: str, channel_path: Path) -> tuple[str, int]:
-    """The live definition for the prepare boot, and the guest's channel port index."""
-    root = ET.fromstring(persistent_xml)
-    devices = root.find("devices")
+def channel_element(persistent_xml: str, channel_path: Path) -> tuple[ET.Element, int]:
+    """The guest channel: one more serial port (the first free one) on a UNIX socket."""
+    devices = ET.fromstring(persistent_xml).find("devices")
     if devices is None:
         raise NotSupported("domain XML has no <devices>")
     ports = [int(t.get("port", "0")) for t in devices.findall("./serial/target") if t.get("port", "0").isdigit()]
     port = max(ports, default=-1) + 1
     if port >= MAX_SERIAL_PORTS:
         raise NotSupported(f"the domain already uses serial ports up to ttyS{port - 1}; imgprep needs one free")
-    serial = ET.SubElement(devices, "serial", {"type": "unix"})
+    serial = ET.Element("serial", {"type": "unix"})
     ET.SubElement(serial, "source", {"mode": "bind", "path": str(channel_path)})
     ET.SubElement(serial, "target", {"port": str(port)})
+    return serial, port
+
+
+def prepare_xml(persistent_xml: str, channel_path: Path) -> tuple[str, int]:
+    """The live definition for the in-place prepare boot, and the guest's channel port index."""
+    root = ET.fromstring(persistent_xml)
+    devices = root.find("devices")
+    if devices is None:
+        raise NotSupported("domain XML has no <devices>")
+    serial, port = channel_element(persistent_xml, channel_path)
+    devices.append(serial)
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         element = root.find(event)
         if element is None:
@@ -131,6 +150,9 @@ class InPlaceState:
     checkpoint: str | None = None  # the internal snapshot's name, saved before it is created
     shutdown_requested: bool = False
     stop_timed_out: bool = False
+    root_target: str | None = None  # the disk exported (inspection, or --disk)
+    stopped_at: float | None = None  # wall clock: the shutdown was requested
+    downtime_s: float | None = None  # shutdown requested -> running again (restart_vm)
 
 
 @dataclasses.dataclass
@@ -138,6 +160,7 @@ class LibvirtState(JobState):
     """The libvirt job state. A capture keeps its own dataclass in its own field."""
 
     in_place: InPlaceState = dataclasses.field(default_factory=InPlaceState)
+    clone: CloneState = dataclasses.field(default_factory=CloneState)
     injected: list[str] = dataclasses.field(default_factory=list)
     guest_os: dict[str, str] | None = None
     channel_bytes: int = 0  # what the guest wrote on its channel during the prepare boot
@@ -150,8 +173,10 @@ class LibvirtState(JobState):
         for key in ("checkpoint", "shutdown_requested", "stop_timed_out"):  # version 1: flat
             if key in data:
                 in_place.setdefault(key, data.pop(key))
+        clone = dict(data.pop("clone", None) or {})
         state = super().from_json(data)
         state.in_place = InPlaceState(**in_place)
+        state.clone = CloneState(**clone)
         return state
 
 
@@ -160,7 +185,11 @@ class Capture(Protocol):
 
     ``create_steps`` run after validate and before inject; ``always_steps`` are part of
     the chain's ``finally`` (idempotent: recovery runs them again). ``disks`` are what
-    inject writes and export reads."""
+    inject writes and export reads, the exported (root) disk first once ``set_root``
+    named it; ``check`` runs after each step that read them (is the capture still a
+    point in time?); ``boot_xml`` is the prepare boot's live definition and
+    ``boot_domain`` the domain it runs as (None while there is none); ``report`` is
+    what the job record shows of the capture."""
 
     name: ClassVar[str]
 
@@ -169,6 +198,18 @@ class Capture(Protocol):
     def always_steps(self) -> list[Step]: ...
 
     def disks(self) -> list[tuple[Path, str]]: ...
+
+    def targets(self) -> list[str]: ...
+
+    def set_root(self, target: str) -> None: ...
+
+    def check(self) -> None: ...
+
+    def boot_xml(self, channel: ET.Element) -> str: ...
+
+    def boot_domain(self) -> Any: ...
+
+    def report(self) -> dict[str, Any]: ...
 
 
 CAPTURES: dict[str, Callable[[LibvirtBackend], Capture]] = {}
@@ -181,7 +222,9 @@ class LibvirtBackend(Backend[LibvirtState]):
 
     def __init__(self, config: Config, engine: Engine, request: Any) -> None:
         super().__init__(config, engine, request)
-        self.capture: Capture = CAPTURES["in-place"](self)
+        if request.capture not in CAPTURES:
+            raise InvalidInput(f"unknown capture {request.capture!r} (known: {', '.join(CAPTURES)})")
+        self.capture: Capture = CAPTURES[request.capture](self)
         self._conn: Any = None
         self._parser = ChannelParser()  # what the guest reported during the prepare boot
         self._channel: SocketChannel | None = None  # our end of the guest's serial port
@@ -292,22 +335,38 @@ class LibvirtBackend(Backend[LibvirtState]):
             )
         xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         disks = [d for d in disks_of(xml) if d["device"] == "disk"]
+        clone = self.request.capture == "clone"
         if not disks:
             problems.append(f"VM {name} has no disk")
+        elif clone:
+            self._validate_clone(dom, xml, state == libvirt.VIR_DOMAIN_RUNNING, problems)
         for disk in disks:
             where = f"disk {disk['target']} ({disk['path'] or disk['type']})"
-            if disk["type"] != "file":
-                problems.append(f"{where} is a {disk['type']} disk; only file-backed qcow2 disks are supported")
+            if clone:
+                if disk["path"] and not os.access(disk["path"], os.R_OK):
+                    problems.append(f"{where} is not readable here (imgprep must run on the VM's host)")
+            elif disk["type"] != "file":
+                problems.append(
+                    f"{where} is a {disk['type']} disk; in place, only file-backed qcow2 disks are supported "
+                    "(--capture clone takes raw files and block devices)"
+                )
             elif disk["format"] != "qcow2":
-                problems.append(f"{where} is {disk['format']}; only qcow2 disks are supported")
+                problems.append(
+                    f"{where} is {disk['format']}; in place, only qcow2 disks are supported (--capture clone takes raw)"
+                )
             elif not os.access(disk["path"], os.R_OK | os.W_OK):
                 problems.append(f"{where} is not readable and writable here (imgprep must run on the VM's host)")
+        if self.request.disk is not None and self.request.disk not in [d["target"] for d in disks]:
+            known = ", ".join(d["target"] for d in disks) or "none"
+            problems.append(f"--disk {self.request.disk}: VM {name} has no such disk (its disks: {known})")
         for snap_name in dom.snapshotListNames():
             if snap_name.startswith(CHECKPOINT_PREFIX):
                 raise VmBusy(
                     f"VM {name} still has checkpoint {snap_name} from an earlier imgprep job; "
                     "run `imgprep jobs list` and `imgprep jobs recover JOB_UUID`"
                 )
+            if clone:
+                continue  # a clone never snapshots the prototype
             snap_xml = dom.snapshotLookupByName(snap_name).getXMLDesc()
             if "snapshot='external'" in snap_xml or 'snapshot="external"' in snap_xml:
                 problems.append(f"VM {name} has external snapshot {snap_name}; only internal snapshots can coexist")
@@ -317,13 +376,15 @@ class LibvirtBackend(Backend[LibvirtState]):
             problems.append(exc.message)
         learned: dict[str, Any] = {"type": "zvol", "os": "linux"}
         if disks and not problems:
-            boot = Path(disks[0]["path"])
-            chain = backing_chain(boot)
+            first = next((d for d in disks if d["target"] == self.request.disk), disks[0])
+            chain = backing_chain(Path(first["path"]))
             learned["image_size"] = int(chain[0]["virtual-size"]) // (1024 * 1024)
-            if disks[0]["bus"]:
-                learned["disk_driver"] = disks[0]["bus"]
-            # flattened, the export holds at most what every layer has allocated
-            self.check_free_space(sum(int(layer.get("actual-size", 0)) for layer in chain), problems)
+            if first["bus"]:
+                learned["disk_driver"] = first["bus"]
+            # flattened, the export holds at most what every layer has allocated (a
+            # block device reports no allocation: its virtual size is the worst case)
+            need = sum(int(layer.get("actual-size", 0)) for layer in chain) or int(chain[0]["virtual-size"])
+            self.check_free_space(need, problems)
         root = ET.fromstring(xml)
         nic = root.find("./devices/interface/model")
         if nic is not None and nic.get("type"):
@@ -334,6 +395,19 @@ class LibvirtBackend(Backend[LibvirtState]):
         if problems:
             raise InvalidInput(problems)
         return VmFacts(dom.UUIDString(), name, state == libvirt.VIR_DOMAIN_RUNNING, learned)
+
+    def _validate_clone(self, dom: Any, xml: str, running: bool, problems: list[str]) -> None:
+        """Clone mode: every disk viewable, and the consistency asked for possible."""
+        try:
+            pit.SourceDisk.from_xml(xml)
+        except NotSupported as exc:
+            problems.append(exc.message)
+        requested = self.request.consistency
+        if running and requested in ("freeze", "stop"):
+            try:  # asking for freeze without an agent, or stop with one, is refused up front
+                choose_consistency(requested, running, pit.agent_answers(dom))  # type: ignore[arg-type]
+            except InvalidInput as exc:
+                problems.extend(exc.problems)
 
     # --- the chain ------------------------------------------------------------------
 
@@ -370,6 +444,7 @@ class LibvirtBackend(Backend[LibvirtState]):
                 "version": f"{guest.inspect('major_version')}.{guest.inspect('minor_version')}",
                 "product": guest.inspect("product_name"),
             }
+            self._choose_root(guest)
             wants_dir_exists = guest.is_dir(wants_dir)
             files = artifacts.linux_injection(
                 mode=mode,
@@ -391,21 +466,43 @@ class LibvirtBackend(Backend[LibvirtState]):
             # what was written with the guest's own file contexts (None: SELinux is off)
             written = [artifacts.PREFIX, artifacts.UNIT_PATH, link] + ([] if wants_dir_exists else [wants_dir])
             self.state.selinux_file_contexts = selinux_label(guest, written)
+        self.capture.check()
+
+    def _choose_root(self, guest: Guest) -> None:
+        """The disk exported: ``--disk``, else the one inspection found the root filesystem on."""
+        if self.request.disk is not None:
+            self.capture.set_root(self.request.disk)
+            return
+        targets = self.capture.targets()  # in the order of capture.disks(), as libguestfs added them
+        self.capture.set_root(targets[guest.root_drive_index()])
+
+    def _boot_active(self, dom: Any) -> bool:
+        """Is the prepare boot's domain running? A transient domain that powered off is
+        gone: one that vanishes between its lookup and this question is not running."""
+        if dom is None:
+            return False
+        try:
+            return bool(dom.isActive())
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            if _is_transient(exc):
+                self._conn = None
+                raise TransientError(f"query state: {exc}") from None
+            raise ImgprepError(f"query state: {exc}", code="LibvirtError") from None
 
     def boot_prepare(self) -> None:
-        dom = self._domain()
-        if self._call("query state", dom.isActive):
+        dom = self.capture.boot_domain()
+        if self._boot_active(dom):
             if self._is_prepare_boot(dom):
                 return  # retried after a dropped connection: already booted
             raise ImgprepError("the VM is running before the prepare boot", code="VmRunning")
         channel = self._channel_path()
         prepare_socket_dir()
         channel.unlink(missing_ok=True)
-        persistent = self._call(
-            "read the definition",
-            lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE),
-        )
-        xml, _ = prepare_xml(persistent, channel)
+        element, _ = channel_element(self._persistent_xml(), channel)
+        xml = self._call("define the prepare boot", lambda: self.capture.boot_xml(element))
+        self.record["capture"] = self.capture.report()
         self.state.prepare_boot = True
         self.persist()
         conn = self._connect()
@@ -424,8 +521,7 @@ class LibvirtBackend(Backend[LibvirtState]):
     def poll_guest(self) -> tuple[GuestStatus, bool]:
         channel = self._guest_channel()
         status = channel.poll()
-        dom = self._domain()
-        powered_off = not self._call("query state", dom.isActive)
+        powered_off = not self._boot_active(self.capture.boot_domain())
         if powered_off:  # what QEMU sent before it exited may still be in the socket: take it, then let go
             channel.drain()
             status = channel.poll()
@@ -438,7 +534,7 @@ class LibvirtBackend(Backend[LibvirtState]):
         disks = self.capture.disks()
         # the guest's "success" is its own claim: look for imgprep's files before publishing
         check_clean(disks, self.state.injected, force_tcg=self.config.libguestfs_tcg)
-        boot_path, boot_format = disks[0]
+        boot_path, boot_format = disks[0]  # the root disk (or --disk): capture.disks() puts it first
         # the guest may have filled its disk during the prepare boot: measure it again
         self.check_free_space_before_export(export_need(boot_path, self.request.compression))
         last = [-1]
@@ -460,6 +556,7 @@ class LibvirtBackend(Backend[LibvirtState]):
         )
         self.engine.cancel.check()
         self.state.export_seconds = round(time.monotonic() - t0, 3)
+        self.capture.check()  # the view was a point in time for the whole export
         return result
 
 
@@ -484,9 +581,49 @@ class InPlaceCapture:
             Step("restart_vm", self.restart_vm),
         ]
 
-    def disks(self) -> list[tuple[Path, str]]:
+    def _ordered(self) -> list[dict[str, str]]:
         b = self.backend
-        return [(Path(d["path"]), d["format"]) for d in b._disks(b._persistent_xml())]
+        disks = b._disks(b._persistent_xml())
+        disks.sort(key=lambda d: d["target"] != b.state.in_place.root_target)  # stable: the root first
+        return disks
+
+    def disks(self) -> list[tuple[Path, str]]:
+        return [(Path(d["path"]), d["format"]) for d in self._ordered()]
+
+    def targets(self) -> list[str]:
+        return [d["target"] for d in self._ordered()]
+
+    def set_root(self, target: str) -> None:
+        self.backend.state.in_place.root_target = target
+        self.backend.persist()
+
+    def check(self) -> None:
+        """The prototype is shut off and checkpointed: nothing to check."""
+
+    def boot_xml(self, channel: ET.Element) -> str:
+        b = self.backend
+        dom = b._domain()
+        persistent = b._call(
+            "read the definition",
+            lambda: dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE),
+        )
+        root = ET.fromstring(persistent)
+        devices = root.find("devices")
+        assert devices is not None  # validated
+        devices.append(channel)
+        for event in ("on_poweroff", "on_reboot", "on_crash"):
+            element = root.find(event)
+            if element is None:
+                element = ET.SubElement(root, event)
+            element.text = "destroy"
+        return ET.tostring(root, encoding="unicode")
+
+    def boot_domain(self) -> Any:
+        return self.backend._domain()
+
+    def report(self) -> dict[str, Any]:
+        st = self.backend.state.in_place
+        return {"capture": self.name, "consistency": "shutdown", "downtime_s": st.downtime_s}
 
     @property
     def _shutdown_in_flight(self) -> bool:
@@ -503,6 +640,7 @@ class InPlaceCapture:
             return
         log.info("shutting down VM %s", b.state.vm_name)
         st.shutdown_requested = True
+        st.stopped_at = time.time()
         b.persist()
         b._call("shut down the VM", dom.shutdown)
         deadline = time.monotonic() + b.config.timeouts.stop
@@ -585,6 +723,153 @@ class InPlaceCapture:
         if not b._call("query state", dom.isActive):
             log.info("restarting VM %s", b.state.vm_name)
             b._call("restart the VM", dom.create)
+            st = b.state.in_place
+            if st.stopped_at is not None and st.downtime_s is None:
+                st.downtime_s = round(time.time() - st.stopped_at, 3)
+                b.record["capture"] = self.report()
+                b.persist()
 
 
 CAPTURES["in-place"] = InPlaceCapture
+
+
+class CloneCapture:
+    """Clone mode (docs/capture.md): the prototype is never stopped (unless ``stop``
+    consistency was chosen) nor written. create: ``capture`` (a point-in-time view of
+    every disk), ``overlays`` (a throwaway qcow2 over each); the prepare boot is a
+    transient clone over the overlays. always: ``discard_clone`` (destroy the clone,
+    end the backup job or qemu-nbd, delete the view directory). The mechanism is
+    ``clonecapture.CloneCapture``; this adapts it to the backend's chain and errors."""
+
+    name: ClassVar[str] = "clone"
+
+    def __init__(self, backend: LibvirtBackend) -> None:
+        self.backend = backend
+        self._view: CloneView | None = None
+
+    @property
+    def view(self) -> CloneView:
+        """Built on first use: the VM's UUID and name are known only after validate."""
+        if self._view is None:
+            b = self.backend
+            requested = b.request.consistency
+            self._view = CloneView(
+                conn=b._connect,
+                vm_uuid=b.state.vm_uuid,
+                vm_name=b.state.vm_name,
+                job_uuid=b.record["uuid"],
+                view_root=b.config.view_dir,
+                state=b.state.clone,
+                persist=b.persist,
+                consistency=None if requested == "auto" else requested,  # type: ignore[arg-type]
+                stop_timeout=b.config.timeouts.stop,
+                socket_root=pit.SOCKET_ROOT,
+            )
+        return self._view
+
+    def _run(self, what: str, fn: Callable[[], T]) -> T:
+        """libvirt errors of the capture are final (a half-taken view is not retried: the
+        always step cleans it up), except for a lost connection before anything exists."""
+        try:
+            return fn()
+        except libvirt.libvirtError as exc:
+            raise ImgprepError(f"{what}: {exc}", code="LibvirtError") from None
+
+    def create_steps(self) -> list[Step]:
+        return [Step("capture", self.capture), Step("overlays", self.overlays)]
+
+    def always_steps(self) -> list[Step]:
+        return [Step("discard_clone", self.discard_clone)]
+
+    def capture(self) -> None:
+        b = self.backend
+        b.mark_touched()  # first: from here on, recovery may have something to clean up
+        if b.state.was_running is None:
+            b.state.was_running = bool(b._call("query state", b._domain().isActive))
+        self._run("take the point-in-time view", self.view.capture)
+        b.record["capture"] = self.report()
+        b.persist()
+
+    def overlays(self) -> None:
+        self._run("create the overlays", self.view.overlays)
+
+    def discard_clone(self) -> None:
+        b = self.backend
+        if b._channel is not None:
+            b._channel.close()
+            b._channel = None
+        thaw_failed: pit.ThawFailed | None = None
+        try:
+            st = b.state.clone
+            if st.consistency == "freeze" and st.view is None:
+                try:
+                    self._thaw()  # imgprep died (or failed) between the freeze and the thaw
+                except pit.ThawFailed as exc:
+                    thaw_failed = exc  # loud, but the view is discarded first
+            self.view.discard()
+        except libvirt.libvirtError as exc:
+            if _is_transient(exc):
+                b._conn = None
+                raise TransientError(f"discard the clone: {exc}") from None
+            raise ImgprepError(f"discard the clone: {exc}", code="LibvirtError") from None
+        b._channel_path().unlink(missing_ok=True)
+        if thaw_failed is not None:
+            raise thaw_failed
+
+    def _thaw(self) -> None:
+        """Thaw the prototype's filesystems (thawing a thawed guest does nothing)."""
+        b = self.backend
+        dom = b._domain()
+        if b._call("query state", dom.isActive):
+            attempts = pit.thaw(dom)
+            b.state.clone.cleaned.append(f"thawed the prototype's filesystems ({attempts} attempt(s))")
+            b.persist()
+
+    def disks(self) -> list[tuple[Path, str]]:
+        return self.view.disks()
+
+    def targets(self) -> list[str]:
+        overlays = {d.overlay: d.target for d in self.view.view().disks}
+        return [overlays[path] for path, _ in self.view.disks()]
+
+    def set_root(self, target: str) -> None:
+        self.backend.state.clone.root_target = target
+        self.backend.persist()
+
+    def check(self) -> None:
+        self._run("check the prototype", self.view.check_view)
+
+    def boot_xml(self, channel: ET.Element) -> str:
+        return self.view.boot_xml(channel)
+
+    def boot_domain(self) -> Any:
+        if not self.backend.state.clone.clone_name:
+            return None
+        conn = self.backend._connect()
+        try:
+            return conn.lookupByName(self.backend.state.clone.clone_name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None  # not started yet, or powered off (a transient domain is gone then)
+            if _is_transient(exc):
+                self.backend._conn = None
+                raise TransientError(f"look up the clone: {exc}") from None
+            raise ImgprepError(f"look up the clone: {exc}", code="LibvirtError") from None
+
+    def report(self) -> dict[str, Any]:
+        st = self.backend.state.clone
+        view = st.view or {}
+        freeze = view.get("freeze") or {}
+        return {
+            "capture": self.name,
+            "consistency": st.consistency,
+            "clone": st.clone_name,
+            "point_in_time": view.get("taken_at"),
+            "freeze_window_ms": freeze.get("window_ms"),
+            "thaw_attempts": freeze.get("thaw_attempts"),
+            "downtime_s": view.get("downtime_s"),
+            "removed": list(st.removed),
+        }
+
+
+CAPTURES["clone"] = CloneCapture

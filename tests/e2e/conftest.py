@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,9 @@ def make_prototype(
     conn = libvirt.open(libvirt_uri)
     made: list[tuple[Prototype, Path]] = []
 
-    def make(extra_cmdline: str = "", split: bool = False) -> Prototype:
-        """``split``: root on partition 1 of disk 1, /var on a second disk."""
+    def make(extra_cmdline: str = "", split: bool = False, agent: bool = True) -> Prototype:
+        """``split``: root on partition 1 of disk 1, /var on a second disk; ``agent``: with
+        the QEMU guest agent's channel (without it, the guest's agent never connects)."""
         name = f"imgprep-e2e-{uuid.uuid4().hex[:8]}"
         workdir = VM_ROOT / name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +150,7 @@ def make_prototype(
             extra_cmdline=extra_cmdline,
             extra_disks=more,
             root="/dev/vda1" if split else "/dev/vda",
+            agent=agent,
         )
         dom = conn.defineXML(xml)
         proto = Prototype(name, dom.UUIDString(), disk, console, conn, more)
@@ -171,6 +174,52 @@ def make_prototype(
 @pytest.fixture
 def prototype(make_prototype: Callable[..., Prototype]) -> Prototype:
     return make_prototype()
+
+
+@pytest.fixture
+def block_and_raw_prototype(guest_image: GuestImage, libvirt_uri: str) -> Iterator[tuple[Prototype, str]]:
+    """A shut-off prototype: vda a small raw *data* disk, vdb a block device (a loop
+    device over a raw copy of the guest) holding the root filesystem."""
+    import libvirt
+
+    from imgprep.libguestfs import open_guest
+
+    name = f"imgprep-e2e-{uuid.uuid4().hex[:8]}"
+    workdir = VM_ROOT / name
+    workdir.mkdir(parents=True)
+    data, root_raw = workdir / "data.raw", workdir / "root.raw"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "data", str(data), "64M"], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(guest_image.disk), str(root_raw)], check=True
+    )
+    # the guest's fstab names /dev/vda; here root is the second disk: mount it by label
+    with open_guest([(root_raw, "raw")], readonly=False, force_tcg=True) as g:
+        g.write("/etc/fstab", b"LABEL=root / ext4 rw,errors=remount-ro 0 1\n", 0o644)
+    loop = subprocess.run(["losetup", "-f", "--show", str(root_raw)], check=True, capture_output=True, text=True)
+    device = loop.stdout.strip()
+    xml = ET.fromstring(domain_xml(name, data, image=guest_image, console_log=workdir / "console.log", root="/dev/vdb"))
+    devices = xml.find("devices")
+    assert devices is not None
+    first = devices.find("disk")
+    assert first is not None
+    driver = first.find("driver")
+    assert driver is not None
+    driver.set("type", "raw")
+    block = ET.fromstring(
+        f"<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{device}'/>"
+        "<target dev='vdb' bus='virtio'/></disk>"
+    )
+    devices.insert(list(devices).index(first) + 1, block)
+    conn = libvirt.open(libvirt_uri)
+    dom = conn.defineXML(ET.tostring(xml, encoding="unicode"))
+    proto = Prototype(name, dom.UUIDString(), root_raw, workdir / "console.log", conn)
+    try:
+        yield proto, device
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            remove_domain(proto.dom)
+        subprocess.run(["losetup", "-d", device], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -35,9 +35,12 @@ TRACES = (
 )
 
 
-def inspect_disk(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
-    """Everything the tests assert about a guest disk, from one appliance launch."""
-    with open_guest([(path, fmt)], readonly=True, force_tcg=True, partial=True) as g:
+def inspect_disk(path: Path, fmt: str = "qcow2", more: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Everything the tests assert about a guest disk, from one appliance launch
+    (``more``: the guest's other qcow2 disks, which its fstab mounts; without them what
+    is not on these disks is not mounted)."""
+    disks = [(path, fmt), *((p, "qcow2") for p in more)]
+    with open_guest(disks, readonly=True, force_tcg=True, partial=not more) as g:
 
         def files_under(directory: str) -> list[str]:
             if not g.is_dir(directory):
@@ -163,9 +166,11 @@ def test_failing_script_restores_the_exact_disk(
     subprocess.run(["cp", "--sparse=always", str(prototype.disk), str(reference)], check=True)
     definition_before = prototype.persistent_xml()
 
+    # in place (the prototype itself is prepared): a failure reverts its disk exactly
     result = imgprep(
-        "create", "--vm", prototype.name, "--script", str(script), "--output-dir", str(output_dir), "--json", *TIMEOUTS
-    )
+        "create", "--vm", prototype.name, "--capture", "in-place", "--script", str(script),
+        "--output-dir", str(output_dir), "--json", *TIMEOUTS,
+    )  # fmt: skip
 
     assert result.returncode == 1, result.stderr
     summary = result.summary
@@ -201,7 +206,7 @@ def test_partitioned_guest_with_var_on_a_second_disk(
     make_prototype: Callable[..., Prototype], imgprep: Any, output_dir: Path, tmp_path: Path
 ) -> None:
     """Not only the test guest's layout: root on a partition, /var (where imgprep's runner
-    is injected) on a second qcow2 disk. Both disks are checkpointed and restored."""
+    is injected) on a second qcow2 disk. Both disks are in the clone; neither is written."""
     proto = make_prototype(split=True)
     proto.start()  # its first boot commits a machine-id, like any prototype
     proto.shutdown()
@@ -217,7 +222,8 @@ def test_partitioned_guest_with_var_on_a_second_disk(
     report = result.summary["boot_report"]
     assert report["late_services"] == []
     assert report["targets"]["sysinit.target"] == "inactive"
-    facts = inspect_disk(Path(result.summary["file"]))  # the boot disk: root, /var not in it
+    # the exported disk holds root; its fstab mounts /var from the second disk (not exported)
+    facts = inspect_disk(Path(result.summary["file"]), more=proto.more_disks)
     assert facts["ssh_host_keys"] == []
     assert facts["machine_id"] == "uninitialized\n"
     assert facts["traces"] == []

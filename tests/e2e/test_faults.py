@@ -9,6 +9,7 @@ printed at the end of the session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -22,9 +23,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from imgprep import artifacts
+from imgprep import pointintime as pit
 from imgprep.config import Config
 from imgprep.jobs import chain_names
 from tests.e2e.conftest import REPO, CliResult, Prototype
@@ -32,11 +35,18 @@ from tests.e2e.test_create import TIMEOUTS, inspect_disk
 
 pytestmark = pytest.mark.e2e
 
-# Every create and always step, from the chain itself: a new step gets SIGKILL coverage.
-_NAMES = chain_names(Config(), "libvirt")
-CHAIN = _NAMES["create"]
-ORDER = [*CHAIN, *_NAMES["always"]]
-STEPS = [("chain_results", step) for step in CHAIN] + [("always_results", step) for step in _NAMES["always"]]
+# Every create and always step, from the chains themselves: a new step gets SIGKILL
+# coverage. Clone mode (the default): every step; in place: the steps it does not share
+# with the clone (the shared ones are the same code).
+NAMES = {capture: chain_names(Config(), "libvirt", capture) for capture in ("clone", "in-place")}
+ORDER = {capture: [*names["create"], *names["always"]] for capture, names in NAMES.items()}
+STEPS = [
+    (capture, chain, step)
+    for capture, names in NAMES.items()
+    for chain, steps in (("chain_results", names["create"]), ("always_results", names["always"]))
+    for step in steps
+    if capture == "clone" or step not in ORDER["clone"]
+]
 
 
 class RunningJob:
@@ -154,6 +164,23 @@ def assert_no_traces(proto: Prototype) -> None:
     assert facts["machine_id"].strip() not in ("", "uninitialized")
 
 
+def wait_agent(proto: Prototype) -> None:
+    """A running prototype's agent answers (clone mode then freezes, never stops it)."""
+    deadline = time.monotonic() + 300
+    while not pit.agent_answers(proto.dom):
+        assert time.monotonic() < deadline, "the guest agent never answered"
+        time.sleep(1)
+
+
+def clone_leftovers(proto: Prototype, job_uuid: str) -> list[str]:
+    """The clone domain, a backup job on the prototype, the view directory."""
+    found = [d.name() for d in proto.conn.listAllDomains() if d.name().startswith(f"imgprep-{job_uuid[:8]}")]
+    if proto.is_running():
+        with contextlib.suppress(libvirt.libvirtError):  # no job: an error
+            found.append(f"backup job {proto.dom.backupGetXMLDesc(0)[:80]}")
+    return found + [str(p) for p in (Config().view_dir / job_uuid, pit.SOCKET_ROOT / job_uuid) if p.exists()]
+
+
 def job_record(imgprep: Any, job_uuid: str) -> dict[str, Any]:
     result = imgprep("jobs", "get", job_uuid)
     assert result.returncode == 0, result.stderr
@@ -164,8 +191,9 @@ def job_record(imgprep: Any, job_uuid: str) -> dict[str, Any]:
 # --- SIGKILL during every step, then `imgprep jobs recover` -------------------------------
 
 
-@pytest.mark.parametrize(("chain", "step"), STEPS, ids=[step for _, step in STEPS])
+@pytest.mark.parametrize(("capture", "chain", "step"), STEPS, ids=[f"{c}-{step}" for c, _, step in STEPS])
 def test_sigkill_during_step_then_recover(
+    capture: str,
     chain: str,
     step: str,
     make_prototype: Callable[..., Prototype],
@@ -175,13 +203,17 @@ def test_sigkill_during_step_then_recover(
     tmp_path: Path,
     reliability: Callable[..., None],
 ) -> None:
-    running = step in ("stop_vm", "restart_vm")  # these steps only act on a running VM
+    # these steps act on a running VM (the clone's capture: a backup job under a freeze)
+    running = step in ("stop_vm", "restart_vm", "capture")
     proto = make_prototype()
     if running:
         proto.start()
+        wait_agent(proto)
     reference = None if running else reference_copy(proto, tmp_path)
+    definition = proto.persistent_xml()
+    dom_id = proto.dom.ID() if running else None
 
-    job = start_job("--vm", proto.uuid, "--output-dir", str(output_dir), *TIMEOUTS)
+    job = start_job("--vm", proto.uuid, "--capture", capture, "--output-dir", str(output_dir), *TIMEOUTS)
     job.wait_step(step, chain=chain)
     job.proc.send_signal(signal.SIGKILL)
     assert job.finish().returncode == -signal.SIGKILL
@@ -205,12 +237,25 @@ def test_sigkill_during_step_then_recover(
     assert record["execution"] == "failed"
     assert record["error"]["code"] == "Interrupted"
     stopped_in = re.search(r"during step (\w+)", record["error"]["message"]).group(1)  # type: ignore[union-attr]
-    assert ORDER.index(stopped_in) >= ORDER.index(step)
+    assert ORDER[capture].index(stopped_in) >= ORDER[capture].index(step)
     assert record["needs_recovery"] is False
     assert all(r["error"] is None for r in record["onerror_results"] + record["always_results"])
-    assert [r["name"] for r in record["always_results"]][-len(_NAMES["always"]) :] == _NAMES["always"]
+    always = NAMES[capture]["always"]
+    if touched:  # killed before it touched anything, a job has nothing to clean up
+        assert [r["name"] for r in record["always_results"]][-len(always) :] == always
+    else:
+        assert record["always_results"] == []
+    assert proto.persistent_xml() == definition
 
-    if running:
+    if capture == "clone":
+        assert proto.is_running() is running
+        if running:
+            assert proto.dom.ID() == dom_id, "the prototype was restarted"
+        else:
+            assert reference is not None
+            assert_restored_exactly(proto, reference, output_dir, image_kept=chain == "always_results")
+        assert clone_leftovers(proto, job.job_uuid) == []
+    elif running:
         assert proto.is_running()
         assert proto.snapshots() == []
         assert_no_traces(proto)
@@ -220,7 +265,7 @@ def test_sigkill_during_step_then_recover(
     reliability(
         f"imgprep killed during {step}",
         "SIGKILL, then `imgprep jobs recover` (twice)",
-        f"restored; {'running again' if running else 'disk block-identical, still off'}; "
+        f"{capture}: {'running' if running else 'disk block-identical, still off'}; "
         f"record: Interrupted during {stopped_in}",
     )
 
@@ -298,7 +343,7 @@ def test_export_target_fills_up(
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={needed + (8 << 20)},mode=0755", "tmpfs", str(small)], check=True
+        ["mount", "-t", "tmpfs", "-o", f"size={needed + (8 << 20)},mode=0700", "tmpfs", str(small)], check=True
     )
     try:
         job = start_job("--vm", prototype.uuid, "--output-dir", str(small), *TIMEOUTS)
@@ -406,11 +451,15 @@ def test_bad_input_touches_nothing(
     raw_dom = conn.defineXML(raw_xml)
     tiny = tmp_path / "tiny"
     tiny.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(tiny)], check=True)
     try:
         cases = {
             "unknown VM": (["--vm", "no-such-vm"], "no VM 'no-such-vm'"),
-            "non-qcow2 disk": (["--vm", f"{prototype.name}-raw"], "is raw; only qcow2 disks are supported"),
+            "non-qcow2 disk in place": (
+                ["--vm", f"{prototype.name}-raw", "--capture", "in-place"],
+                "is raw; in place, only qcow2 disks are supported",
+            ),
+            "no such disk": (["--vm", prototype.uuid, "--disk", "vdz"], "--disk vdz: VM"),
             "not enough free space": (["--vm", prototype.uuid, "--output-dir", str(tiny)], "not enough free space"),
             "unreachable libvirt": (
                 ["--vm", prototype.uuid, "--libvirt-uri", "qemu+unix:///system?socket=/nonexistent"],
@@ -432,6 +481,6 @@ def test_bad_input_touches_nothing(
     assert_restored_exactly(prototype, reference, output_dir)
     reliability(
         "bad input",
-        "unknown VM, raw disk, no space, unreachable libvirt",
+        "unknown VM, raw disk in place, no such --disk, no space, unreachable libvirt",
         "one-line error; exit 2; no job, VM untouched",
     )

@@ -1,0 +1,255 @@
+"""Clone mode as one capture strategy: the point-in-time view, the overlays and the
+clone, and their cleanup, as steps the libvirt backend runs (docs/capture.md).
+
+create: ``capture`` (the view: backup job or qemu-nbd; the UEFI variable store
+copied) then ``overlays`` (one throwaway qcow2 per disk). always: ``discard_clone``
+(destroy the clone, end the backup job or qemu-nbd, delete the view directory;
+idempotent, so recovery runs it again). Everything the cleanup needs is in
+:class:`CloneState`, saved before each action that creates something.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import libvirt
+
+from imgprep import pointintime as pit
+from imgprep.clonexml import clone_name, clone_xml
+from imgprep.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+def choose_consistency(requested: pit.Consistency | None, running: bool, agent_answers: bool) -> str:
+    """``freeze`` when the agent answers, else ``stop``, unless asked otherwise;
+    ``shutoff`` for a shut-off prototype. Asking for a freeze without an agent fails
+    (like Nova's os_require_quiesce): a silently weaker image is worse than none.
+    Asking for ``stop`` while the agent answers fails too (docs/capture.md, Limits)."""
+    if not running:
+        return "shutoff"
+    if requested is None:
+        return "freeze" if agent_answers else "stop"
+    if requested == "freeze" and not agent_answers:
+        raise InvalidInput(
+            "--consistency freeze needs the QEMU guest agent, which does not answer; "
+            "use --consistency stop (a brief shutdown) or crash",
+            code="AgentUnavailable",
+        )
+    if requested == "stop" and agent_answers:
+        # libvirt 9.0 drops the agent's connect event while a backup job runs: a
+        # prototype restarted under the job would keep its agent disconnected
+        raise InvalidInput(
+            "--consistency stop would leave the guest agent of the restarted VM disconnected from libvirt; "
+            "the agent answers, so use --consistency freeze (no downtime)",
+            code="AgentWouldDisconnect",
+        )
+    return requested
+
+
+@dataclasses.dataclass
+class CloneState:
+    """The clone capture's part of the job record (JSON-able)."""
+
+    view_dir: str | None = None
+    socket_dir: str | None = None  # the NBD sockets (a short path)
+    clone_name: str | None = None
+    clone_uuid: str | None = None
+    consistency: str | None = None
+    view: dict[str, Any] | None = None  # pointintime.View.as_json()
+    nvram: str | None = None
+    root_target: str | None = None  # the disk holding the root filesystem (inspection)
+    removed: list[str] = dataclasses.field(default_factory=list)  # what the clone XML dropped
+    cleaned: list[str] = dataclasses.field(default_factory=list)
+
+
+class CloneCapture:
+    name: ClassVar[str] = "clone"
+
+    def __init__(
+        self,
+        *,
+        conn: Callable[[], Any],
+        vm_uuid: str,
+        vm_name: str,
+        job_uuid: str,
+        view_root: Path,
+        state: CloneState,
+        persist: Callable[[], None],
+        consistency: pit.Consistency | None = None,
+        agent_timeout: int = 10,
+        stop_timeout: float = 300.0,
+        socket_root: Path | None = None,
+    ) -> None:
+        self._conn = conn
+        self.vm_uuid = vm_uuid
+        self.vm_name = vm_name
+        self.job_uuid = job_uuid
+        self.view_root = view_root
+        self.state = state
+        self._persist = persist
+        self.requested = consistency
+        self.agent_timeout = agent_timeout
+        self.stop_timeout = stop_timeout
+        self.socket_root = socket_root
+        self._view: pit.View | None = None
+
+    # --- the steps ---------------------------------------------------------------
+
+    def create_steps(self) -> list[tuple[str, Callable[[], None]]]:
+        return [("capture", self.capture), ("overlays", self.overlays)]
+
+    def always_steps(self) -> list[tuple[str, Callable[[], None]]]:
+        return [("discard_clone", self.discard)]
+
+    @property
+    def files(self) -> pit.ViewFiles:
+        socket_dir = self.state.socket_dir or (str(self.socket_root / self.job_uuid) if self.socket_root else None)
+        return pit.ViewFiles(
+            Path(self.state.view_dir or self.view_root / self.job_uuid), Path(socket_dir) if socket_dir else None
+        )
+
+    def _dom(self) -> Any:
+        return self._conn().lookupByUUIDString(self.vm_uuid)
+
+    def capture(self) -> None:
+        if self.state.view is not None:
+            return  # already taken (a retried step): never take a second one
+        conn, dom = self._conn(), self._dom()
+        files = self.files
+        self.state.view_dir = str(files.directory)
+        self.state.socket_dir = str(files.socket_dir) if files.socket_dir else None
+        self.state.clone_name = clone_name(self.job_uuid, self.vm_name)
+        self.state.clone_uuid = str(uuidlib.uuid4())
+        self._persist()  # before anything exists: cleanup must know where to look
+        owner = pit.qemu_owner(conn)
+        files.create(owner)
+        persistent = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        disks = pit.SourceDisk.from_xml(persistent)
+        nvram = ET.fromstring(persistent).findtext("./os/nvram")
+        if nvram:
+            self.state.nvram = str(pit.copy_nvram(Path(nvram), files, owner))
+        running = bool(dom.isActive())
+        agent = running and pit.agent_answers(dom, self.agent_timeout)
+        consistency = choose_consistency(self.requested, running, agent)
+        self.state.consistency = consistency
+        self._persist()
+        if consistency == "shutoff":
+            view = pit.capture_shutoff(dom, files, disks, owner)
+        else:
+            view = pit.capture_running(
+                dom,
+                files,
+                disks,
+                consistency,  # type: ignore[arg-type]
+                agent_timeout=self.agent_timeout,
+                stop_timeout=self.stop_timeout,
+            )
+        self._view = view
+        self.state.view = view.as_json()
+        pit.save(files, view)
+        self._persist()
+
+    def overlays(self) -> None:
+        view = self.view()
+        if not all(d.overlay.exists() for d in view.disks):
+            pit.make_overlays(view)
+        owner = pit.qemu_owner(self._conn())
+        for disk in view.disks:  # the clone's QEMU (and libvirt probing as its user) opens them
+            os.chown(disk.overlay, *owner)
+
+    def discard(self) -> None:
+        files = self.files if self.state.view_dir else None
+        if files is None:
+            return  # nothing was created
+        if self.state.consistency == "stop" and self.state.view is None:
+            self._restart_after_stop()
+        done = pit.cleanup(self._conn(), self.vm_uuid, files, self.state.clone_name)
+        self.state.cleaned += done
+        self._persist()
+
+    def _restart_after_stop(self) -> None:
+        """A stop-mode capture that did not finish (imgprep died or failed between the
+        shutdown and the resume): the prototype was running, so it runs again."""
+        try:
+            dom = self._dom()
+            state = dom.state()[0]
+        except libvirt.libvirtError:
+            return
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            dom.resume()
+            self.state.cleaned.append("resumed the prototype")
+        elif state == libvirt.VIR_DOMAIN_SHUTOFF:
+            dom.create()
+            self.state.cleaned.append("started the prototype again")
+        self._persist()
+
+    # --- what the rest of the chain uses ------------------------------------------
+
+    def view(self) -> pit.View:
+        if self._view is None:
+            if self.state.view is None:
+                raise RuntimeError("no view taken yet")
+            self._view = _view_from_json(self.state.view)
+        return self._view
+
+    def disks(self) -> list[tuple[Path, str]]:
+        """The overlays (what inject writes and export reads), the root disk first once
+        inspection named it."""
+        disks = list(self.view().disks)
+        disks.sort(key=lambda d: d.target != self.state.root_target)
+        return [(d.overlay, "qcow2") for d in disks]
+
+    def set_root_index(self, index: int) -> None:
+        """Inspection found the root filesystem on the ``index``-th disk (in view order)."""
+        self.state.root_target = self.view().disks[index].target
+        self._persist()
+
+    def check_view(self) -> None:
+        """A shut-off prototype started since the view was taken fails the job."""
+        pit.check_unchanged(self._dom(), self.view())
+
+    def boot_xml(self, channel: ET.Element) -> str:
+        """The clone's definition for the prepare boot (``channel``: the guest channel)."""
+        if not (self.state.clone_name and self.state.clone_uuid and self.state.view_dir):
+            raise RuntimeError("boot_xml before capture")
+        persistent = self._dom().XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+        result = clone_xml(
+            persistent,
+            name=self.state.clone_name,
+            uuid=self.state.clone_uuid,
+            overlays={d.target: d.overlay for d in self.view().disks},
+            job_dir=Path(self.state.view_dir),
+            channel=channel,
+            nvram=Path(self.state.nvram) if self.state.nvram else None,
+        )
+        self.state.removed = list(result.removed)
+        self._persist()
+        return result.xml
+
+    def boot_domain(self) -> Any:
+        """The clone's libvirt domain (the prepare boot polls it, not the prototype)."""
+        return self._conn().lookupByName(self.state.clone_name)
+
+
+def _view_from_json(data: dict[str, Any]) -> pit.View:
+    disks = tuple(
+        pit.ViewDisk(d["target"], d["uri"], Path(d["overlay"]), pit.SourceDisk(**d["source"])) for d in data["disks"]
+    )
+    freeze = pit.FreezeReport(**data["freeze"]) if data.get("freeze") else None
+    return pit.View(
+        data["how"],
+        data["consistency"],
+        disks,
+        data["taken_at"],
+        freeze,
+        data.get("downtime_s"),
+        data.get("fingerprint"),
+    )
