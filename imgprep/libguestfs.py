@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from imgprep.artifacts import PREFIX, GuestFile
 from imgprep.errors import ImgprepError, MissingDependency, NotSupported
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,21 @@ class Guest:
     def mkdir_p(self, path: str, mode: int = 0o755) -> None:
         self.g.mkdir_p(path)
         self.g.chmod(mode, path)
+
+    def write_linux_injection(self, files: Sequence[GuestFile], *, wants_dir: str | None) -> None:
+        """Write imgprep's Linux injection plan (:func:`imgprep.artifacts.linux_injection`):
+        ``wants_dir`` created first when the guest lacks it, imgprep's directory made
+        afresh (0700), then the files and links in order -- the armed file is last, so a
+        partial injection is never armed."""
+        if wants_dir is not None:
+            self.mkdir_p(wants_dir)
+        self.rm_rf(PREFIX)
+        self.mkdir_p(PREFIX, 0o700)
+        for f in files:
+            if f.link:
+                self.symlink(f.link, f.path)
+            else:
+                self.write(f.path, f.data, f.mode)
 
     def symlink(self, target: str, link: str) -> None:
         self.g.ln_sf(target, link)

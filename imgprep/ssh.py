@@ -40,7 +40,7 @@ import paramiko
 
 from imgprep.config import SmartosHost
 from imgprep.errors import Cancelled, CommandError, InvalidInput, TransientError
-from imgprep.ssh_config import Hop, plan_route
+from imgprep.ssh_config import Endpoint, Hop, plan_route
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def fingerprint(key: paramiko.PKey) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class SshTarget(SmartosHost):
+class SshTarget(SmartosHost, Endpoint):
     """Where and how to connect (a config host entry, or parsed from ``[user@]host[:port]``).
     ``known_hosts`` None = ``~/.ssh/known_hosts``."""
 
@@ -88,19 +88,6 @@ class SshTarget(SmartosHost):
         if entry is not None:
             return cls(**dataclasses.asdict(entry))
         return cls.parse(text)
-
-    @property
-    def known_hosts_path(self) -> Path:
-        return Path(self.known_hosts or "~/.ssh/known_hosts").expanduser()
-
-    @property
-    def host_key_name(self) -> str:
-        """The name known_hosts uses: ``host`` on port 22, ``[host]:port`` otherwise."""
-        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{self.port}"
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

@@ -40,18 +40,14 @@ MAX_JUMPS = 8
 _HOP_RE = re.compile(r"^(?:(?P<user>[^@\s:]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@\s:\[\],]+)(?::(?P<port>\d{1,5}))?$")
 
 
-@dataclasses.dataclass(frozen=True)
-class Hop:
-    """One SSH connection of a route: where to connect, as whom, with which keys, and
-    which known_hosts file must hold its host key."""
+class Endpoint:
+    """What an SSH endpoint (a route's hop, a configured target) says of itself: the
+    known_hosts file and name its host key is checked against, and ``user@host:port``."""
 
-    name: str  # what the user wrote (an alias or an address), for messages
-    host: str  # the address (HostName)
+    host: str
     port: int
     user: str
-    key_files: tuple[str, ...] = ()  # () = ssh-agent and paramiko's default ~/.ssh/id_*
-    certificate_file: str | None = None  # for the first key file (CertificateFile)
-    known_hosts: str | None = None  # None = ~/.ssh/known_hosts
+    known_hosts: str | None
 
     @property
     def known_hosts_path(self) -> Path:
@@ -65,6 +61,20 @@ class Hop:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.user}@{host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hop(Endpoint):
+    """One SSH connection of a route: where to connect, as whom, with which keys, and
+    which known_hosts file must hold its host key."""
+
+    name: str  # what the user wrote (an alias or an address), for messages
+    host: str  # the address (HostName)
+    port: int
+    user: str
+    key_files: tuple[str, ...] = ()  # () = ssh-agent and paramiko's default ~/.ssh/id_*
+    certificate_file: str | None = None  # for the first key file (CertificateFile)
+    known_hosts: str | None = None  # None = ~/.ssh/known_hosts
 
 
 def load(path: str | None) -> paramiko.SSHConfig | None:

@@ -453,15 +453,7 @@ class LibvirtBackend(Backend[LibvirtState]):
                 channel=f"/dev/ttyS{port}",
                 wants_dir_exists=wants_dir_exists,
             )
-            if not wants_dir_exists:
-                guest.mkdir_p(wants_dir)
-            guest.rm_rf(artifacts.PREFIX)
-            guest.mkdir_p(artifacts.PREFIX, 0o700)
-            for f in files:  # in order: the armed file is last
-                if f.link:
-                    guest.symlink(f.link, f.path)
-                else:
-                    guest.write(f.path, f.data, f.mode)
+            guest.write_linux_injection(files, wants_dir=None if wants_dir_exists else wants_dir)
             # an enforcing guest's policy may refuse unlabelled units and executables: label
             # what was written with the guest's own file contexts (None: SELinux is off)
             written = [artifacts.PREFIX, artifacts.UNIT_PATH, link] + ([] if wants_dir_exists else [wants_dir])

@@ -63,7 +63,7 @@ def fake_free(monkeypatch: pytest.MonkeyPatch, output_dir: Path, free: int) -> N
 def backend(disk: Path, output_dir: Path, compression: str) -> LibvirtBackend:
     """A libvirt backend at its export step: the disk, the request, nothing else."""
     b = LibvirtBackend.__new__(LibvirtBackend)
-    b.capture = types.SimpleNamespace(disks=lambda: [(disk, "qcow2")])  # type: ignore[assignment]
+    b.capture = types.SimpleNamespace(disks=lambda: [(disk, "qcow2")], check=lambda: None)  # type: ignore[assignment]
     b.request = types.SimpleNamespace(  # type: ignore[assignment]
         output_dir=output_dir, compression=compression, image_uuid=IMAGE_UUID
     )

@@ -232,15 +232,7 @@ def inject(backend: SmartosBackend) -> None:
                     f"{artifacts.PREFIX}/mdata-v2", artifacts.artifact("units/imgprep-mdata-v2").read_bytes(), 0o755
                 )
                 files.insert(len(files) - 1, client)
-            if not wants_dir_exists:
-                guest.mkdir_p(wants_dir)
-            guest.rm_rf(artifacts.PREFIX)
-            guest.mkdir_p(artifacts.PREFIX, 0o700)
-            for f in files:  # in order: the armed file is last
-                if f.link:
-                    guest.symlink(f.link, f.path)
-                else:
-                    guest.write(f.path, f.data, f.mode)
+            guest.write_linux_injection(files, wants_dir=None if wants_dir_exists else wants_dir)
             log.info("injected the early unit into disk0 (reporting through %s)", channel)
     except NotSupported as exc:
         if "--mode legacy" in exc.message:
