@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 
 from imgprep.artifacts import PREFIX, UNIT_PATH, wants_link
@@ -272,3 +273,44 @@ def test_jobs_recover_after_the_cli_was_killed_in_the_prepare_boot(
         assert hvm.node.snapshot_names(d) == []
         assert sha256_file(hvm.node.volume(d)) == before[d]
     assert hvm.node.snapshot_names(f"zones/{uuid}") == []
+
+
+def test_a_changed_host_key_is_refused_before_any_command(hvm: Node, raw_guest: tuple[Path, Path, Path]) -> None:
+    uuid = bhyve_vm(hvm, raw_guest)
+    disks = [f"zones/{uuid}-disk0", f"zones/{uuid}-disk1"]
+    before = {d: sha256_file(hvm.node.volume(d)) for d in disks}
+    hvm.node.commands.clear()
+    hvm.server.set_host_key(paramiko.ECDSAKey.generate())
+
+    code, _, err = hvm.create(uuid)
+
+    assert code == 2
+    assert "HOST KEY CHANGED" in err
+    assert hvm.node.commands == []  # nothing ran on the node, not even vmadm get
+    for d in disks:
+        assert sha256_file(hvm.node.volume(d)) == before[d]
+    assert hvm.node.boots(uuid) == []
+
+
+def test_no_state_within_the_timeout_is_did_not_run_and_every_disk_restored(
+    hvm: Node, raw_guest: tuple[Path, Path, Path]
+) -> None:
+    # The same guest reports within the normal timeouts (the happy path above, the
+    # control); here the boot stage allows it 1 s, far less than its boot takes.
+    uuid = bhyve_vm(hvm, raw_guest)
+    disks = [f"zones/{uuid}-disk0", f"zones/{uuid}-disk1"]
+    before = {d: sha256_file(hvm.node.volume(d)) for d in disks}
+    hvm.write_config(timeouts={"stop": 60, "boot": 1, "prepare": 300, "shutdown": 60})
+
+    code, out, _err = hvm.create(uuid)
+
+    assert code == 1
+    job = JobStore(hvm.state_dir).get(summary(out)["job_uuid"])
+    assert job["error"]["code"] == "PrepareImageDidNotRun"
+    assert job["vm_restored"] is True
+    assert len(hvm.node.boots(uuid)) == 1  # it was booted, and halted by imgprep
+    assert hvm.node.state(uuid) == "stopped"
+    assert list(hvm.output.iterdir()) == []
+    for d in disks:
+        assert hvm.node.snapshot_names(d) == []
+        assert sha256_file(hvm.node.volume(d)) == before[d]
