@@ -149,15 +149,6 @@ def test_bios_gpt_lvm_xfs_with_var_on_its_own_lv(
     _create_and_check(proto, imgprep, output_dir, cloud_init=True)
 
 
-def test_uefi_esp_btrfs_subvolumes(
-    make_layout_prototype: Callable[[str], Prototype], imgprep: Any, output_dir: Path
-) -> None:
-    """UEFI in in-place mode: the internal checkpoint covers the disk, not the NVRAM (the
-    layout boots from the removable path, so the NVRAM holds nothing it needs)."""
-    proto = make_layout_prototype("uefi-btrfs")
-    _create_and_check(proto, imgprep, output_dir, cloud_init=True)
-
-
 def _power_off(proto: Prototype) -> None:
     """Off, whether or not the guest powered itself off meanwhile."""
     import libvirt

@@ -178,48 +178,6 @@ def test_running_prototype_with_agent_freeze_view_and_clone(make_prototype: Call
     assert proto.dom.ID() == dom_id
 
 
-def test_stop_consistency_without_an_agent_restarts_the_prototype_at_once(
-    make_prototype: Callable[..., Prototype], guest_image: GuestImage
-) -> None:
-    proto = make_prototype()
-    # the same prototype without a guest agent channel: what --consistency stop is for
-    xml = domain_xml(proto.name, proto.disk, image=guest_image, console_log=proto.console, domain_uuid=proto.uuid)
-    no_agent = domain_xml(
-        proto.name, proto.disk, image=guest_image, console_log=proto.console, domain_uuid=proto.uuid, agent=False
-    )
-    assert "guest_agent" in xml
-    proto.conn.defineXML(no_agent)
-    proto.start()
-    assert not pit.agent_answers(proto.dom, timeout=2)
-    time.sleep(10)  # let the writer append a few entries
-    conn, dom_id, persistent = proto.conn, proto.dom.ID(), proto.persistent_xml()
-    files = pit.ViewFiles(VM_ROOT / proto.name / "view-stop")
-    files.create(pit.qemu_owner(conn))
-    try:
-        view = pit.capture_running(proto.dom, files, pit.SourceDisk.from_xml(persistent), "stop", stop_timeout=180)
-        # stopped once and started once: running again at once, under a new domain ID
-        assert proto.is_running()
-        assert proto.dom.ID() != dom_id
-        assert view.downtime_s is not None
-        assert view.freeze is None
-        print(f"stop downtime {view.downtime_s} s")
-        pit.make_overlays(view)
-        with open_guest([(view.disks[0].overlay, "qcow2")], readonly=True, force_tcg=True) as g:
-            in_view = g.read(COUNTER)
-        # the view is the disk as the clean shutdown left it: every entry, none torn
-        view_counts = counters(in_view)
-        assert len(view_counts) >= 5
-        assert view_counts == list(range(1, len(view_counts) + 1))
-        proto.wait_console("login:")  # the restarted prototype boots normally
-        assert proto.console_text().count("Linux version") == 1  # one start since the stop
-    finally:
-        pit.cleanup(conn, proto.uuid, files, None)
-    assert pit.cleanup(conn, proto.uuid, files, None) == []
-    assert imgprep_leftovers(conn, files, None) == []
-    assert proto.is_running()
-    assert proto.persistent_xml() == persistent
-
-
 def test_shut_off_raw_and_block_disks_view_and_start_detection(
     block_and_raw_prototype: tuple[Prototype, str],
 ) -> None:
