@@ -312,7 +312,11 @@ def test_guest_that_never_reports(
     timeouts = [*TIMEOUTS]
     timeouts[timeouts.index("--boot-timeout") + 1] = "90"
 
-    result = imgprep("create", "--vm", proto.uuid, "--output-dir", str(output_dir), "--json", *timeouts)
+    # in place: the prepare boot is the prototype's own domain, so its console (the
+    # control below) shows that boot; a clone's definition drops the prototype's console
+    result = imgprep(
+        "create", "--vm", proto.uuid, "--capture", "in-place", "--output-dir", str(output_dir), "--json", *timeouts
+    )
 
     assert result.returncode == 1, result.stderr
     assert result.summary["error"]["code"] == "PrepareImageDidNotRun"
