@@ -92,6 +92,17 @@ class SshTarget(SmartosHost, Endpoint):
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
+    def route(self) -> list[Hop]:
+        """The hops to connect through (``ProxyJump`` from the SSH config), this target last."""
+        return plan_route(
+            self.host,
+            user=self.user,
+            port=self.port,
+            key_file=self.key_file,
+            known_hosts=self.known_hosts,
+            ssh_config=self.ssh_config,
+        )
+
 
 class _UnknownKey(Exception):
     def __init__(self, key: paramiko.PKey) -> None:
@@ -173,15 +184,7 @@ class SshClient:
 
     def _open(self) -> paramiko.SSHClient:
         """Connect through every hop of the route (``ProxyJump``), verifying each host key."""
-        target = self.target
-        route = plan_route(
-            target.host,
-            user=target.user,
-            port=target.port,
-            key_file=target.key_file,
-            known_hosts=target.known_hosts,
-            ssh_config=target.ssh_config,
-        )
+        route = self.target.route()
         jumps: list[paramiko.SSHClient] = []
         sock: socket.socket | paramiko.Channel | None = None
         try:

@@ -42,7 +42,6 @@ from imgprep.errors import ImgprepError, InvalidInput, NotSupported, VmBusy
 from imgprep.export import STREAM_COMPRESSIONS
 from imgprep.libguestfs import GuestfsError, open_guest
 from imgprep.sanitize import clean
-from imgprep.ssh_config import plan_route
 
 if TYPE_CHECKING:
     from imgprep.backends.smartos.backend import SmartosBackend
@@ -161,15 +160,7 @@ def device_path(zvol: str) -> str:
 def _open_disk0(backend: SmartosBackend, *, readonly: bool = False) -> Any:
     """The context manager serving disks[0] over SSH on a local NBD socket."""
     node = backend._node()
-    target = node.target
-    route = plan_route(
-        target.host,
-        user=target.user,
-        port=target.port,
-        key_file=target.key_file,
-        known_hosts=target.known_hosts,
-        ssh_config=target.ssh_config,
-    )
+    route = node.target.route()
     hop = route[-1]
     transport = node.client.connect()  # the host key verified here, as for every command
     host_key = transport.get_remote_server_key()
