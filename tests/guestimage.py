@@ -26,7 +26,9 @@ Usage: ``python -m tests.guestimage build`` prints the cache directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import inspect
 import json
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,12 +223,32 @@ def _customize(root: Path) -> None:
     (root / "var/cache/apt/archives/partial").mkdir(parents=True)
 
 
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold the cache's lock NAME (an flock on ``<cache>/.NAME.lock``): builders of one
+    cache entry in parallel test processes wait for each other and reuse what the first built."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build(force: bool = False) -> GuestImage:
     """Return the cached guest for the current recipe, building it if needed."""
     image = GuestImage(cache_root() / recipe_key())
-    done = image.directory / "done.json"
-    if done.exists() and not force:
+    if (image.directory / "done.json").exists() and not force:
         return image
+    with cache_lock("guest"):
+        if (image.directory / "done.json").exists() and not force:
+            return image  # built meanwhile by another process
+        return _build(image)
+
+
+def _build(image: GuestImage) -> GuestImage:
     if image.directory.exists():
         shutil.rmtree(image.directory)
     image.directory.parent.mkdir(parents=True, exist_ok=True)
@@ -358,6 +381,13 @@ def build_split(image: GuestImage) -> SplitGuest:
     split = SplitGuest(image.directory / "split")
     if (split.directory / "done").exists():
         return split
+    with cache_lock("split"):
+        if (split.directory / "done").exists():
+            return split
+        return _build_split(image, split)
+
+
+def _build_split(image: GuestImage, split: SplitGuest) -> SplitGuest:
     work = Path(tempfile.mkdtemp(prefix="split-", dir=image.directory))
     try:
         root_tree, var_tree = work / "root", work / "var"

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.capabilities import requires
+from tests.conftest import RELIABILITY_PROPERTY
 from tests.guestimage import GuestImage, build, build_split, domain_xml, remove_domain
 
 LIBVIRT_URI = "qemu:///system"
@@ -282,33 +283,14 @@ def imgprep(state_dir: Path) -> Any:
 
 # --- the reliability table -------------------------------------------------------------
 
-RELIABILITY: list[dict[str, str]] = []
-
 
 @pytest.fixture
 def reliability(request: pytest.FixtureRequest) -> Callable[..., None]:
-    """Record a fault case's outcome for the table printed at the end of the session."""
+    """Record a fault case's outcome for the reliability table (tests/conftest.py prints it
+    at the end of the session, from the reports of passed tests, also under pytest-xdist)."""
 
     def record(case: str, injected: str, outcome: str) -> None:
-        RELIABILITY.append({"case": case, "injected": injected, "outcome": outcome, "test": request.node.name})
+        row = {"case": case, "injected": injected, "outcome": outcome, "test": request.node.name}
+        request.node.user_properties.append((RELIABILITY_PROPERTY, json.dumps(row)))
 
     return record
-
-
-def reliability_table() -> str:
-    lines = ["| case | fault injected | outcome |", "| --- | --- | --- |"]
-    lines += [f"| {r['case']} | {r['injected']} | {r['outcome']} |" for r in RELIABILITY]
-    return "\n".join(lines) + "\n"
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not RELIABILITY:
-        return
-    terminalreporter.section("imgprep reliability (fault injection against the real test guest)")
-    terminalreporter.write(reliability_table())
-    out = os.environ.get("IMGPREP_RELIABILITY_OUT")
-    if out:
-        Path(out).write_text(
-            "# Reliability: last fault-injection run\n\nWritten by the end-to-end suite "
-            "(tests/e2e/test_faults.py); every row is an assertion that passed.\n\n" + reliability_table()
-        )

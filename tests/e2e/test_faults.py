@@ -371,6 +371,7 @@ def test_export_target_fills_up(
     )
 
 
+@pytest.mark.serial  # restarts the host's libvirtd under every other test
 def test_libvirtd_restarted_mid_job(
     prototype: Prototype,
     start_job: Callable[..., RunningJob],
