@@ -15,6 +15,13 @@ early, legacy, early, legacy...:
   multi-user.target and network.target, the way Triton's guest tools run the operator
   script, so every daemon has started before it runs.
 
+Both capture the prototype in place (``--capture in-place``, the default here): the
+prepare boot then keeps the prototype's NIC and static network configuration, so
+``network-online.target`` is reached as on the prototype. A clone has no NIC, and this
+guest's ``systemd-networkd-wait-online`` then waits its full 120 s before
+``multi-user.target``, where the legacy unit runs: the comparison would measure that
+timeout. ``benchmarks.capture_modes`` compares the captures themselves.
+
 Both modes run the same operator script: imgprep's default linux-prepare-image, wrapped
 so that it ends its output with one line of systemd's start stamps of the daemons
 (``WRAPPER`` below; the runner sends that output's tail to the host).
@@ -559,6 +566,7 @@ def run_imgprep(
     out_dir.mkdir()
     env = {**os.environ, "IMGPREP_STATE_DIR": str(workdir / "state")}
     cmd = [sys.executable, "-m", "imgprep", "create", "--vm", vm_uuid, "--json", "--mode", mode]
+    cmd += ["--capture", args.capture]
     cmd += ["--output-dir", str(out_dir), "--script", str(wrapper), *TIMEOUTS]
     events: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
@@ -705,6 +713,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-nic", action="store_true", help="no NIC and no network configuration in the guest")
     parser.add_argument(
+        "--capture",
+        choices=("in-place", "clone"),
+        default="in-place",
+        help="how imgprep captures the prototype (default in-place: the prepare boot keeps the prototype's NIC; "
+        "a clone has none, so the legacy unit, after network.target, would wait for network-online's timeout)",
+    )
+    parser.add_argument(
         "--compress-sample-mb",
         type=int,
         default=256,
@@ -741,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     wrapper.write_text(render_wrapper())
     wrapper.chmod(0o755)
     meta = host_facts(lv.conn())
-    meta.update({"runs_per_mode": args.runs, "settle_s": args.settle, "nic": not args.no_nic})
+    meta.update({"runs_per_mode": args.runs, "settle_s": args.settle, "nic": not args.no_nic, "capture": args.capture})
     (out / "raw").mkdir(exist_ok=True)
     runs: list[dict[str, Any]] = []
     for index in range(1, args.runs + 1):
