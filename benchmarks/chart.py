@@ -41,6 +41,7 @@ JOB_SEGMENTS = (
     ("start the prepare boot", "part_boot_call_s", "#d9d9d9"),
     ("guest: prepare boot", "part_prepare_boot_s", "#31a354"),
     ("imgprep notices the power-off", "part_notice_poweroff_s", "#bdbdbd"),
+    ("libguestfs: check no imgprep file is left", "part_export_checks_s", "#bcbddc"),
     ("qemu-img convert (zstd)", "part_convert_s", "#fd8d3c"),
     ("hash, manifest, restore, restart, exit", "part_finish_s", "#969696"),
 )

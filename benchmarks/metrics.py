@@ -119,6 +119,16 @@ def step_times(events: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float
     return steps
 
 
+def convert_started(events: Iterable[Mapping[str, Any]]) -> float | None:
+    """When the export's ``qemu-img convert`` reported its first progress: before it, the
+    export step checks the powered-off disks (a read-only libguestfs look for imgprep's
+    files, ``qemu-img measure`` for free space)."""
+    for event in events:
+        if event.get("event") == "progress" and event.get("step") == "export":
+            return float(event["at"])
+    return None
+
+
 def convert_finished(events: Iterable[Mapping[str, Any]]) -> float | None:
     """When ``qemu-img convert`` reported 100 % (the export then fsyncs and hashes the file)."""
     for event in events:
@@ -208,11 +218,18 @@ def timings(raw: Mapping[str, Any]) -> dict[str, float | None]:
     stop_guest = _sub(w["prototype_off"], w["stop_start"])
     prepare_boot = _sub(w["prepare_off"], w["prepare_on"])
     libguestfs = elapsed("inject")
-    qemu_img = _sub(convert_finished(events), steps.get("export", {}).get("start"))
+    export_checks = _sub(convert_started(events), steps.get("export", {}).get("start"))
+    qemu_img = _sub(convert_finished(events), convert_started(events))
     guest = round(stop_guest + prepare_boot, 3) if stop_guest is not None and prepare_boot is not None else None
     overhead = None
-    if total is not None and guest is not None and libguestfs is not None and qemu_img is not None:
-        overhead = round(total - guest - libguestfs - qemu_img, 3)
+    if (
+        total is not None
+        and guest is not None
+        and libguestfs is not None
+        and qemu_img is not None
+        and export_checks is not None
+    ):
+        overhead = round(total - guest - libguestfs - export_checks - qemu_img, 3)
     disk = raw.get("disk", {})
     baseline = raw.get("read_baseline", {})
     image_size = raw.get("image", {}).get("size")
@@ -255,8 +272,9 @@ def timings(raw: Mapping[str, Any]) -> dict[str, float | None]:
         "downtime_s": _sub(w["restart_end"], w["stop_start"]),
         "usable_again_s": _sub(raw.get("usable_again"), w["stop_start"]),
         "export_s": elapsed("export"),
+        "export_checks_s": export_checks,
         "qemu_img_s": qemu_img,
-        "hash_s": _sub(elapsed("export"), qemu_img),
+        "hash_s": _sub(_sub(elapsed("export"), qemu_img), export_checks),
         "guest_s": guest,
         "overhead_s": overhead,
         "export_mbps": _div(disk.get("allocated", 0) / MB if disk.get("allocated") else None, qemu_img),
@@ -273,6 +291,7 @@ def timings(raw: Mapping[str, Any]) -> dict[str, float | None]:
         "part_boot_call_s": _sub(w["prepare_on"], steps.get("inject", {}).get("end")),
         "part_prepare_boot_s": prepare_boot,
         "part_notice_poweroff_s": _sub(steps.get("export", {}).get("start"), w["prepare_off"]),
+        "part_export_checks_s": export_checks,
         "part_convert_s": qemu_img,
         "part_finish_s": _sub(process.get("end"), convert_finished(events)),
         "part_restart_to_login_s": _sub(raw.get("usable_again"), process.get("end")),
@@ -459,13 +478,18 @@ TIMING_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Stop the prototype (graceful shutdown)", "stop_guest_s", "s"),
     ("Inject step (libguestfs appliance)", "libguestfs_s", "s"),
     ("Export step", "export_s", "s"),
+    (
+        "  of which checks of the powered-off disks (libguestfs: no imgprep file left; free space)",
+        "export_checks_s",
+        "s",
+    ),
     ("  of which `qemu-img convert` (zstd qcow2)", "qemu_img_s", "s"),
     ("  of which fsync + sha1/sha256 by imgprep", "hash_s", "s"),
     ("Export throughput (allocated source bytes / convert time)", "export_mbps", "MB/s"),
     ("Reading the disk file with `dd` (page cache as found)", "read_buffered_mbps", "MB/s"),
     ("Reading the disk file with `dd iflag=direct` (no cache)", "read_direct_mbps", "MB/s"),
     ("Time in the guest (stop + prepare boot)", "guest_s", "s"),
-    ("imgprep's own overhead (total - guest - libguestfs - qemu-img)", "overhead_s", "s"),
+    ("imgprep's own overhead (total - guest - libguestfs launches - qemu-img)", "overhead_s", "s"),
     ("Image file size", "image_mb", "MB"),
 )
 
