@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--shutdown-timeout", type=_positive_seconds, help="seconds from result to power-off")
     create.add_argument("--stop-timeout", type=_positive_seconds, help="seconds for a graceful stop")
     create.add_argument(
+        "--agent-timeout",
+        type=_positive_seconds,
+        help="clone: seconds to wait for the guest agent to answer (and for each freeze/thaw call)",
+    )
+    create.add_argument(
         "--force-stop",
         action="store_true",
         default=None,
@@ -246,6 +251,7 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         boot_timeout=args.boot_timeout,
         shutdown_timeout=args.shutdown_timeout,
         stop_timeout=args.stop_timeout,
+        agent_timeout=args.agent_timeout,
     )
     manifest: dict[str, Any] | None = None
     if args.manifest is not None:

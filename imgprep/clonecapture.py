@@ -24,26 +24,40 @@ import libvirt
 from imgprep import pointintime as pit
 from imgprep.clonexml import clone_name, clone_xml
 from imgprep.errors import InvalidInput
+from imgprep.guestagent import AgentProbe, probe
 
 log = logging.getLogger(__name__)
 
 
-def choose_consistency(requested: pit.Consistency | None, running: bool, agent_answers: bool) -> str:
-    """``freeze`` when the agent answers, else ``stop``, unless asked otherwise;
-    ``shutoff`` for a shut-off prototype. Asking for a freeze without an agent fails
-    (like Nova's os_require_quiesce): a silently weaker image is worse than none.
-    Asking for ``stop`` while the agent answers fails too (docs/capture.md, Limits)."""
+def choose_consistency(requested: pit.Consistency | None, running: bool, agent: AgentProbe | None) -> str:
+    """``freeze`` when the agent answers, ``stop`` when the VM has no agent channel,
+    unless asked otherwise; ``shutoff`` for a shut-off prototype (``agent``: the probe
+    of a running one; ``None`` = not probed, as for ``crash``).
+
+    Refused, before anything is touched (docs/capture.md, *The guest agent*):
+    ``auto`` or ``freeze`` when the VM has an agent channel but its agent is silent (a
+    silently weaker image, or a shutdown the operator did not ask for, is worse than
+    none: Nova's os_require_quiesce); ``freeze`` without an agent channel; ``stop``
+    while the agent answers (libvirt 9.0 would leave it disconnected, *Limits*)."""
     if not running:
         return "shutoff"
-    if requested is None:
-        return "freeze" if agent_answers else "stop"
-    if requested == "freeze" and not agent_answers:
+    if requested == "crash":
+        return "crash"
+    answer = agent.answer if agent is not None else "absent"
+    why = agent.describe() if agent is not None else "the guest agent was not asked"
+    if answer != "answers" and requested in (None, "freeze"):
+        if answer == "absent":
+            if requested is None:
+                return "stop"
+            why = "the VM has no guest agent channel"
+        asked = "--consistency freeze" if requested else "--consistency auto (the VM has a guest agent channel)"
         raise InvalidInput(
-            "--consistency freeze needs the QEMU guest agent, which does not answer; "
-            "use --consistency stop (a brief shutdown) or crash",
+            f"{asked} needs the QEMU guest agent to freeze the filesystems, but {why}; start the agent "
+            "(or give it longer: timeouts.agent, --agent-timeout), or choose --consistency stop "
+            "(a brief shutdown) or crash (no downtime, as after a power loss)",
             code="AgentUnavailable",
         )
-    if requested == "stop" and agent_answers:
+    if requested == "stop" and answer == "answers":
         # libvirt 9.0 drops the agent's connect event while a backup job runs: a
         # prototype restarted under the job would keep its agent disconnected
         raise InvalidInput(
@@ -51,7 +65,7 @@ def choose_consistency(requested: pit.Consistency | None, running: bool, agent_a
             "the agent answers, so use --consistency freeze (no downtime)",
             code="AgentWouldDisconnect",
         )
-    return requested
+    return requested or "freeze"
 
 
 @dataclasses.dataclass
@@ -129,6 +143,12 @@ class CloneCapture:
         self.state.clone_name = clone_name(self.job_uuid, self.vm_name)
         self.state.clone_uuid = str(uuidlib.uuid4())
         self._persist()  # before anything exists: cleanup must know where to look
+        running = bool(dom.isActive())
+        # decided before anything exists: a silent agent fails the job here, untouched
+        agent = probe(dom, self.agent_timeout) if running and self.requested != "crash" else None
+        consistency = choose_consistency(self.requested, running, agent)
+        self.state.consistency = consistency
+        self._persist()
         owner = pit.qemu_owner(conn)
         files.create(owner)
         persistent = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
@@ -136,11 +156,6 @@ class CloneCapture:
         nvram = ET.fromstring(persistent).findtext("./os/nvram")
         if nvram:
             self.state.nvram = str(pit.copy_nvram(Path(nvram), files, owner))
-        running = bool(dom.isActive())
-        agent = running and pit.agent_answers(dom, self.agent_timeout)
-        consistency = choose_consistency(self.requested, running, agent)
-        self.state.consistency = consistency
-        self._persist()
         if consistency == "shutoff":
             view = pit.capture_shutoff(dom, files, disks, owner)
         else:

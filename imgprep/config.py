@@ -45,6 +45,7 @@ class Timeouts:
     boot: float = 300.0  # prepare boot started -> guest reports "running"
     prepare: float = 300.0  # "running" -> "success" | "error" (also the in-guest script limit)
     shutdown: float = 300.0  # final state -> domain shut off
+    agent: float = 10.0  # clone: the wait for the guest agent's first answer, and each freeze/thaw call
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,7 @@ from imgprep.clonecapture import CloneState, choose_consistency
 from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
 from imgprep.export import ExportResult, export_disk, export_need
+from imgprep.guestagent import probe as probe_agent
 from imgprep.guestchannel import SocketChannel, prepare_socket_dir, socket_path
 from imgprep.leftovers import check_clean
 from imgprep.libguestfs import Guest, open_guest, selinux_label
@@ -402,10 +403,13 @@ class LibvirtBackend(Backend[LibvirtState]):
             pit.SourceDisk.from_xml(xml)
         except NotSupported as exc:
             problems.append(exc.message)
-        requested = self.request.consistency
-        if running and requested in ("freeze", "stop"):
-            try:  # asking for freeze without an agent, or stop with one, is refused up front
-                choose_consistency(requested, running, pit.agent_answers(dom))  # type: ignore[arg-type]
+        requested = None if self.request.consistency == "auto" else self.request.consistency
+        if running and requested != "crash":
+            # refused up front: a silent agent where one is expected (auto, freeze), freeze
+            # without an agent, stop with one (docs/capture.md, *The guest agent*)
+            agent = probe_agent(dom, self.config.timeouts.agent)
+            try:
+                choose_consistency(requested, running, agent)  # type: ignore[arg-type]
             except InvalidInput as exc:
                 problems.extend(exc.problems)
 
@@ -754,6 +758,7 @@ class CloneCapture:
                 state=b.state.clone,
                 persist=b.persist,
                 consistency=None if requested == "auto" else requested,  # type: ignore[arg-type]
+                agent_timeout=max(1, round(b.config.timeouts.agent)),
                 stop_timeout=b.config.timeouts.stop,
                 socket_root=pit.SOCKET_ROOT,
             )
@@ -780,6 +785,15 @@ class CloneCapture:
             b.state.was_running = bool(b._call("query state", b._domain().isActive))
         self._run("take the point-in-time view", self.view.capture)
         b.record["capture"] = self.report()
+        attempts = b.record["capture"].get("thaw_attempts") or 1
+        if attempts > 1:  # thawed in the end, but a frozen guest is an outage: say so
+            message = (
+                f"the prototype's filesystems thawed only at attempt {attempts} of {pit.THAW_ATTEMPTS} "
+                f"(frozen for up to {b.record['capture']['freeze_window_ms']:.0f} ms)"
+            )
+            log.warning("%s", message)
+            b.record.setdefault("warnings", []).append(message)
+            b.emit({"event": "warning", "step": "capture", "message": message})
         b.persist()
 
     def overlays(self) -> None:

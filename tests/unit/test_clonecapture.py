@@ -12,25 +12,56 @@ import pytest
 from imgprep import pointintime as pit
 from imgprep.clonecapture import CloneCapture, CloneState, _view_from_json, choose_consistency
 from imgprep.errors import InvalidInput
+from imgprep.guestagent import AgentProbe
+
+ANSWERS = AgentProbe("answers", "connected", 0.1)
+ABSENT = AgentProbe("absent", None, 0.0)
+HUNG = AgentProbe("silent", "connected", 10.0)
+STOPPED = AgentProbe("silent", "disconnected", 10.0)
 
 
-def test_consistency_defaults_freeze_with_agent_stop_without_shutoff_when_off() -> None:
-    assert choose_consistency(None, running=True, agent_answers=True) == "freeze"
-    assert choose_consistency(None, running=True, agent_answers=False) == "stop"
-    assert choose_consistency("crash", running=True, agent_answers=False) == "crash"
-    assert choose_consistency("stop", running=True, agent_answers=False) == "stop"
-    assert choose_consistency("crash", running=True, agent_answers=True) == "crash"
-    assert choose_consistency("freeze", running=False, agent_answers=False) == "shutoff"
+def test_consistency_defaults_freeze_with_agent_stop_without_a_channel_shutoff_when_off() -> None:
+    assert choose_consistency(None, running=True, agent=ANSWERS) == "freeze"
+    assert choose_consistency(None, running=True, agent=ABSENT) == "stop"
+    assert choose_consistency("crash", running=True, agent=None) == "crash"  # crash never asks the agent
+    assert choose_consistency("crash", running=True, agent=HUNG) == "crash"
+    assert choose_consistency("stop", running=True, agent=ABSENT) == "stop"
+    assert choose_consistency("crash", running=True, agent=ANSWERS) == "crash"
+    assert choose_consistency("freeze", running=True, agent=ANSWERS) == "freeze"
+    assert choose_consistency("freeze", running=False, agent=None) == "shutoff"
+    assert choose_consistency(None, running=False, agent=None) == "shutoff"
 
 
-def test_freeze_without_an_agent_is_refused() -> None:
-    with pytest.raises(InvalidInput, match="guest agent"):
-        choose_consistency("freeze", running=True, agent_answers=False)
+@pytest.mark.parametrize("silent", [HUNG, STOPPED], ids=["hung", "stopped"])
+def test_auto_with_a_silent_agent_is_refused_not_turned_into_a_stop(silent: AgentProbe) -> None:
+    with pytest.raises(InvalidInput) as err:
+        choose_consistency(None, running=True, agent=silent)
+    assert err.value.code == "AgentUnavailable"
+    (message,) = err.value.problems
+    assert "--consistency auto" in message
+    assert "--consistency stop" in message
+    assert "crash" in message
+    assert "within 10s" in message
+    assert ("not running in the guest" if silent is STOPPED else "hung or busy") in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("agent", [HUNG, STOPPED, ABSENT], ids=["hung", "stopped", "no-channel"])
+def test_freeze_without_an_answering_agent_is_refused(agent: AgentProbe) -> None:
+    with pytest.raises(InvalidInput, match="--consistency freeze needs the QEMU guest agent") as err:
+        choose_consistency("freeze", running=True, agent=agent)
+    assert err.value.code == "AgentUnavailable"
+    assert "--consistency stop" in err.value.problems[0]
+
+
+def test_an_explicit_stop_with_a_silent_agent_is_the_operators_choice() -> None:
+    assert choose_consistency("stop", running=True, agent=HUNG) == "stop"
+    assert choose_consistency("stop", running=True, agent=STOPPED) == "stop"
 
 
 def test_stop_with_an_answering_agent_is_refused() -> None:
     with pytest.raises(InvalidInput, match="disconnected") as err:
-        choose_consistency("stop", running=True, agent_answers=True)
+        choose_consistency("stop", running=True, agent=ANSWERS)
     assert err.value.code == "AgentWouldDisconnect"
 
 
@@ -105,3 +136,45 @@ def test_an_unfinished_stop_capture_leaves_the_prototype_running(
     capture.discard()
     assert dom.calls == expected
     assert saved
+
+
+class RunningDom(FakeDom):
+    def __init__(self) -> None:
+        super().__init__(libvirt.VIR_DOMAIN_RUNNING)
+
+    def XMLDesc(self, _flags: int) -> str:
+        return "<domain><devices/></domain>"
+
+
+def test_a_silent_agent_fails_the_capture_before_anything_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent answered at validation and went silent before the capture: nothing is
+    created (no view directory), nothing of the prototype is asked but the agent."""
+    dom = RunningDom()
+    waited: list[float] = []
+
+    def silent(_dom: Any, wait: float) -> AgentProbe:
+        waited.append(wait)
+        return HUNG
+
+    monkeypatch.setattr("imgprep.clonecapture.probe", silent)
+    state = CloneState()
+    capture = CloneCapture(
+        conn=lambda: FakeConn(dom),
+        vm_uuid="u",
+        vm_name="web1",
+        job_uuid="1234abcd",
+        view_root=tmp_path / "views",
+        state=state,
+        persist=lambda: None,
+        agent_timeout=7,
+    )
+    with pytest.raises(InvalidInput) as err:
+        capture.capture()
+    assert err.value.code == "AgentUnavailable"
+    assert waited == [7]
+    assert not (tmp_path / "views").exists()
+    assert state.consistency is None
+    assert state.view is None
+    assert dom.calls == []

@@ -27,6 +27,7 @@ timeouts:
   boot: 20
   prepare: 30.5
   shutdown: 40
+  agent: 25
 hosts:
   cn1:
     host: cn1.example.com
@@ -65,7 +66,7 @@ def test_every_key_is_parsed(tmp_path: Path) -> None:
     assert config.libguestfs_tcg is True
     assert config.retry_attempts == 7
     assert config.retry_max_seconds == 12.5
-    assert config.timeouts == Timeouts(stop=10.0, boot=20.0, prepare=30.5, shutdown=40.0)
+    assert config.timeouts == Timeouts(stop=10.0, boot=20.0, prepare=30.5, shutdown=40.0, agent=25.0)
     assert dict(config.hosts) == {
         "cn1": SmartosHost(
             host="cn1.example.com",
@@ -91,7 +92,7 @@ def test_defaults() -> None:
     config = Config(state_dir=Path("/x"))
     assert config.libvirt_uri == "qemu:///system"
     assert config.compression is None  # the backend decides: libvirt zstd, smartos gzip
-    assert config.timeouts == Timeouts(300.0, 300.0, 300.0, 300.0)
+    assert config.timeouts == Timeouts(300.0, 300.0, 300.0, 300.0, 10.0)
     assert config.force_stop is False
     assert config.strict is False
     assert config.script is None
@@ -191,7 +192,7 @@ def test_all_errors_reported_at_once_with_file_line_and_key(tmp_path: Path) -> N
         f"{p}:4: retry_attempts: must be an integer >= 1, got 0",
         f"{p}:5: retry_max_seconds: must be a positive number of seconds, got -1",
         f"{p}:7: timeouts.boot: must be a positive number of seconds, got 'soon'",
-        f"{p}:8: timeouts.warp: unknown key (known: boot, prepare, shutdown, stop)",
+        f"{p}:8: timeouts.warp: unknown key (known: agent, boot, prepare, shutdown, stop)",
         f"{p}:12: hosts.cn1.port: must be an integer >= 1, got True",
         f"{p}:13: hosts.cn1.colour: unknown key",
         f"{p}:11: hosts.cn1.host: is required",
@@ -284,3 +285,8 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 def test_unreadable_config_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match=r"missing\.yaml: cannot read: No such file or directory"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_the_agent_timeout_is_a_timeout_like_the_others() -> None:
+    assert Config().timeouts.agent == 10.0
+    assert Config().with_overrides(agent_timeout=3.0, stop_timeout=None).timeouts.agent == 3.0
