@@ -155,3 +155,29 @@ def test_check_view_reports_the_scratch_guard_and_records_it(tmp_path: Path) -> 
     assert capture.state.scratch_trip is not None
     assert capture.state.scratch_trip["ended"] is True
     assert saved == ["persist"]
+
+
+def test_the_guard_ends_our_backup_job_on_its_own_connection_and_resumes_a_paused_prototype(tmp_path: Path) -> None:
+    dom = Prototype(socket=str(pit.SOCKET_ROOT / "1234abcd" / "nbd.sock"))
+    dom.paused_reason = libvirt.VIR_DOMAIN_PAUSED_IOERROR  # a scratch write failed before the guard acted
+    closed: list[bool] = []
+
+    class GuardConn(ProtoConn):
+        def close(self) -> None:
+            closed.append(True)
+
+    capture = CloneCapture(
+        conn=lambda: pytest.fail("the guard must not use the job's connection"),
+        vm_uuid="u",
+        vm_name="web1",
+        job_uuid="1234abcd",
+        view_root=tmp_path,
+        state=CloneState(view_dir=str(tmp_path / "1234abcd"), socket_dir=str(pit.SOCKET_ROOT / "1234abcd")),
+        persist=lambda: None,
+        socket_root=pit.SOCKET_ROOT,
+        scratch_reserve=1,
+        guard_connect=lambda: GuardConn(dom),
+    )
+    assert capture._end_view_now() == (True, True)
+    assert dom.calls == ["abort", "resume"]
+    assert closed == [True]
