@@ -158,9 +158,10 @@ def test_libvirtd_restarted_mid_job_on_a_running_prototype(
 
     restart_libvirtd()
     # libvirt 9.0 keeps the pull-mode backup job across its restart (status XML)
-    assert pit.our_backup_job(prototype.dom, pit.ViewFiles(Path("/nonexistent"), pit.SOCKET_ROOT / job.job_uuid)), (
-        "the backup job did not survive libvirtd's restart"
-    )
+    files = pit.ViewFiles(Path("/nonexistent"), pit.SOCKET_ROOT / job.job_uuid)
+    if not pit.our_backup_job(prototype.dom, files):
+        jobs = libvirt_qemu.qemuMonitorCommand(prototype.dom, '{"execute": "query-block-jobs"}', 0)
+        raise AssertionError(f"the backup job did not survive libvirtd's restart; QEMU's block jobs: {jobs}")
     result = job.finish()
 
     assert result.returncode == 0, result.stderr
