@@ -256,7 +256,7 @@ class CloneCapture:
         """Fail the job if the view stopped being a point in time: a shut-off prototype
         was started, a running one stopped or lost its backup job, or the scratch guard
         ended the view."""
-        trip = self._guard.tripped if self._guard is not None else None
+        trip = self._guard.result() if self._guard is not None else None
         if trip is not None:
             if self.state.scratch_trip is None:
                 self.state.scratch_trip = trip.as_json()

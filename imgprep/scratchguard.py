@@ -126,11 +126,23 @@ class ScratchGuard:
         self._thread: threading.Thread | None = None
         self._trip: Trip | None = None
         self._lock = threading.Lock()
+        self._low: int | None = None  # the free space seen below the reserve (the view is being ended)
+        self._done = threading.Event()  # ... and ended: the trip is recorded
 
     @property
     def tripped(self) -> Trip | None:
         with self._lock:
             return self._trip
+
+    def result(self, timeout: float = 90.0) -> Trip | None:
+        """The trip, once the guard began ending the view (waiting, bounded, for it to
+        finish: the job's check may see the backup job gone before the guard returns)."""
+        with self._lock:
+            low = self._low
+        if low is None:
+            return None
+        self._done.wait(timeout)
+        return self.tripped or Trip(str(self.directory), low, self.reserve, error="still ending the backup job")
 
     def poll(self) -> Trip | None:
         """Look once; trip (end the view) if the free space is below the reserve."""
@@ -143,9 +155,12 @@ class ScratchGuard:
         if free >= self.reserve:
             return None
         log.error("view directory %s: %d MiB free, below the reserve: ending the view", self.directory, free // MiB)
+        with self._lock:
+            self._low = free
         trip = self._end(free)
         with self._lock:
             self._trip = trip
+        self._done.set()
         log.error("%s", trip.message())
         return trip
 

@@ -110,3 +110,34 @@ def test_the_thread_watches_until_the_space_runs_low_then_stops() -> None:
     assert trip is not None
     assert trip.free == 5
     assert ender.calls == 1
+
+
+def test_a_check_while_the_guard_ends_the_view_waits_for_its_trip() -> None:
+    """The job's check may find the backup job gone before the guard has returned: it
+    must still report the guard's trip (ScratchSpaceLow), not a job ended elsewhere."""
+    release = threading.Event()
+    ending = threading.Event()
+
+    def end_view() -> tuple[bool, bool]:
+        ending.set()
+        assert release.wait(30)
+        return True, False
+
+    guard = ScratchGuard(Path("/v"), 10, end_view, free=lambda _p: 0)
+    assert guard.result() is None  # control: nothing seen yet
+    poller = threading.Thread(target=guard.poll)
+    poller.start()
+    try:
+        assert ending.wait(30)
+        results: list[object] = []
+        checker = threading.Thread(target=lambda: results.append(guard.result()))
+        checker.start()
+        release.set()
+        checker.join(30)
+    finally:
+        release.set()
+        poller.join(30)
+    (trip,) = results
+    assert trip == guard.tripped
+    assert guard.tripped is not None
+    assert guard.tripped.ended
