@@ -6,6 +6,11 @@ copied) then ``overlays`` (one throwaway qcow2 per disk). always: ``discard_clon
 (destroy the clone, end the backup job or qemu-nbd, delete the view directory;
 idempotent, so recovery runs it again). Everything the cleanup needs is in
 :class:`CloneState`, saved before each action that creates something.
+
+While a running prototype's view exists, a :class:`~imgprep.scratchguard.ScratchGuard`
+ends it before its scratch files can fill the view directory, and
+:meth:`CloneCapture.check_view` fails the job once the view has ended (the prototype
+stopped, its backup job ended, or the guard ended it).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from imgprep import pointintime as pit
 from imgprep.clonexml import clone_name, clone_xml
 from imgprep.errors import InvalidInput
 from imgprep.guestagent import AgentProbe, probe
+from imgprep.scratchguard import ScratchGuard
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ class CloneState:
     root_target: str | None = None  # the disk holding the root filesystem (inspection)
     removed: list[str] = dataclasses.field(default_factory=list)  # what the clone XML dropped
     cleaned: list[str] = dataclasses.field(default_factory=list)
+    scratch_trip: dict[str, Any] | None = None  # the scratch guard ended the view (scratchguard.Trip)
 
 
 class CloneCapture:
@@ -101,7 +108,11 @@ class CloneCapture:
         agent_timeout: int = 10,
         stop_timeout: float = 300.0,
         socket_root: Path | None = None,
+        scratch_reserve: int = 0,
+        guard_connect: Callable[[], Any] | None = None,
     ) -> None:
+        """``scratch_reserve`` (bytes) and ``guard_connect`` (a libvirt connection of its
+        own, for the guard's thread): the scratch guard of a running prototype's view."""
         self._conn = conn
         self.vm_uuid = vm_uuid
         self.vm_name = vm_name
@@ -113,7 +124,10 @@ class CloneCapture:
         self.agent_timeout = agent_timeout
         self.stop_timeout = stop_timeout
         self.socket_root = socket_root
+        self.scratch_reserve = scratch_reserve
+        self._guard_connect = guard_connect
         self._view: pit.View | None = None
+        self._guard: ScratchGuard | None = None
 
     # --- the steps ---------------------------------------------------------------
 
@@ -171,6 +185,31 @@ class CloneCapture:
         self.state.view = view.as_json()
         pit.save(files, view)
         self._persist()
+        if view.how == "backup":
+            self._start_guard(files)
+
+    def _start_guard(self, files: pit.ViewFiles) -> None:
+        if self._guard is not None or not self.scratch_reserve or self._guard_connect is None:
+            return
+        self._guard = ScratchGuard(files.directory, self.scratch_reserve, self._end_view_now)
+        self._guard.start()
+
+    def _end_view_now(self) -> tuple[bool, bool]:
+        """The guard's action (in its thread, on its own connection): end the backup
+        job, then resume the prototype if a scratch write error paused it meanwhile."""
+        assert self._guard_connect is not None
+        conn = self._guard_connect()
+        try:
+            dom = conn.lookupByUUIDString(self.vm_uuid)
+            ended = pit.end_backup(dom, self.files)
+            return ended, pit.resume_after_write_error(dom)
+        finally:
+            conn.close()
+
+    def stop_guard(self) -> None:
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
 
     def overlays(self) -> None:
         view = self.view()
@@ -181,6 +220,7 @@ class CloneCapture:
             os.chown(disk.overlay, *owner)
 
     def discard(self) -> None:
+        self.stop_guard()
         files = self.files if self.state.view_dir else None
         if files is None:
             return  # nothing was created
@@ -228,8 +268,18 @@ class CloneCapture:
         self._persist()
 
     def check_view(self) -> None:
-        """A shut-off prototype started since the view was taken fails the job."""
-        pit.check_unchanged(self._dom(), self.view())
+        """Fail the job if the view stopped being a point in time: a shut-off prototype
+        was started, a running one stopped or lost its backup job, or the scratch guard
+        ended the view."""
+        trip = self._guard.result() if self._guard is not None else None
+        if trip is not None:
+            if self.state.scratch_trip is None:
+                self.state.scratch_trip = trip.as_json()
+                self._persist()
+            raise pit.ScratchSpaceLow(trip.message())
+        dom, view = self._dom(), self.view()
+        pit.check_unchanged(dom, view)
+        pit.check_running(dom, view, self.files)
 
     def boot_xml(self, channel: ET.Element) -> str:
         """The clone's definition for the prepare boot (``channel``: the guest channel)."""
@@ -267,4 +317,5 @@ def _view_from_json(data: dict[str, Any]) -> pit.View:
         freeze,
         data.get("downtime_s"),
         data.get("fingerprint"),
+        data.get("domain_id"),
     )

@@ -76,6 +76,8 @@ class Config:
     libvirt_uri: str = "qemu:///system"
     state_dir: Path = dataclasses.field(default_factory=default_state_dir)
     view_dir: Path = dataclasses.field(default_factory=default_view_dir)  # clone mode: overlays, scratch
+    # clone of a running VM: the backup job is ended when view_dir has less free (scratchguard.py)
+    scratch_reserve_mib: int = 256
     output_dir: Path = Path()
     compression: str | None = None  # None: the backend's default (libvirt zstd, smartos gzip)
     timeouts: Timeouts = Timeouts()
@@ -257,7 +259,7 @@ def load_config(path: Path, base: Config | None = None) -> Config:
             changes[key] = value
         elif key in ("force_stop", "libguestfs_tcg", "strict"):
             changes[key] = _bool(node, key, problems)
-        elif key == "retry_attempts":
+        elif key in ("retry_attempts", "scratch_reserve_mib"):
             changes[key] = _int(node, key, problems)
         elif key == "retry_max_seconds":
             changes[key] = _positive(node, key, problems)

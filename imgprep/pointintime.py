@@ -77,6 +77,24 @@ class PrototypeChanged(CaptureError):
     code = "PrototypeChanged"
 
 
+class ViewEnded(CaptureError):
+    """The running prototype's backup job (its point-in-time view) is gone."""
+
+    code = "ViewEnded"
+
+
+class PrototypeStopped(ViewEnded):
+    """The running prototype stopped: its QEMU, which served the view, exited."""
+
+    code = "PrototypeStopped"
+
+
+class ScratchSpaceLow(ViewEnded):
+    """imgprep ended the backup job before its scratch files could fill the view directory."""
+
+    code = "ScratchSpaceLow"
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceDisk:
     """One ``device='disk'`` disk of the prototype."""
@@ -190,6 +208,7 @@ class View:
     freeze: FreezeReport | None = None
     downtime_s: float | None = None  # stop: shutdown requested -> running again
     fingerprint: dict[str, Any] | None = None  # shut-off prototype, for check_unchanged
+    domain_id: int | None = None  # running prototype: its QEMU's libvirt ID, for check_running
 
     def as_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -294,12 +313,19 @@ def _view_disks(files: ViewFiles, disks: list[SourceDisk], per_disk_socket: bool
     )
 
 
+# backupGetXMLDesc's answers that mean "there is no backup job": any other error (a
+# dropped connection, libvirtd restarting) says nothing about the job and is raised
+_NO_BACKUP_JOB = {libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN}
+
+
 def our_backup_job(dom: Any, files: ViewFiles) -> bool:
     """Is the prototype's current backup job ours (its socket in our view directory)?"""
     try:
         xml = dom.backupGetXMLDesc(0)
-    except libvirt.libvirtError:
-        return False
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in _NO_BACKUP_JOB:
+            return False
+        raise
     server = ET.fromstring(xml).find("server")
     return server is not None and server.get("socket") == str(files.socket)
 
@@ -352,7 +378,60 @@ def capture_running(
             dom.resume()
             downtime = round(time.monotonic() - t0, 3)
             log.info("prototype down for %.1f s (stop, start)", downtime)
-    return View("backup", consistency, _view_disks(files, disks, False), taken, freeze, downtime)
+    view_disks = _view_disks(files, disks, False)
+    return View("backup", consistency, view_disks, taken, freeze, downtime, domain_id=int(dom.ID()))
+
+
+def check_running(dom: Any, view: View, files: ViewFiles) -> None:
+    """Fail if a running prototype's view ended: the prototype stopped (the QEMU serving
+    the view exited; a prototype started again since is another QEMU, with another ID)
+    or its backup job is gone. Errors other than "no such job" are raised as they are
+    (a lost libvirt connection says nothing about the view)."""
+    if view.how != "backup":
+        return
+
+    def stopped() -> bool:
+        return not dom.isActive() or (view.domain_id is not None and int(dom.ID()) != view.domain_id)
+
+    if not stopped():
+        if our_backup_job(dom, files):
+            return
+        if not stopped():  # (it may have stopped between the two questions)
+            raise ViewEnded(
+                "the prototype's backup job ended during the job (it was aborted outside imgprep): its "
+                "point-in-time view is gone, so no image is made from it (the prototype runs on, untouched)"
+            )
+    raise PrototypeStopped(
+        "the prototype stopped during the job: its point-in-time view ended with it, so no image is "
+        "made from it (imgprep does not start the prototype again: that is its owner's choice)"
+    )
+
+
+def end_backup(dom: Any, files: ViewFiles, timeout: float = BACKUP_END_TIMEOUT) -> bool:
+    """Abort the prototype's backup job if it is ours and wait until it has ended (libvirt
+    then removes the socket and the scratch files); whether there was one to end."""
+    if not dom.isActive() or not our_backup_job(dom, files):
+        return False
+    with contextlib.suppress(libvirt.libvirtError):  # it may end by itself meanwhile
+        dom.abortJob()
+    deadline = time.monotonic() + timeout
+    while our_backup_job(dom, files):
+        if time.monotonic() > deadline:
+            raise CaptureError(f"the backup job of the prototype did not end within {timeout:.0f}s")
+        time.sleep(0.2)
+    return True
+
+
+def resume_after_write_error(dom: Any) -> bool:
+    """Resume a prototype QEMU paused on a write error (the scratch filled before its
+    backup job could be ended): QEMU retries the paused write, now without the backup's
+    copy-before-write filter. A prototype paused for any other reason is left alone."""
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+        dom.resume()
+        log.warning("resumed the prototype, paused by a write error while its backup job ran")
+        return True
+    return False
 
 
 def _fingerprint_disk(disk: SourceDisk) -> dict[str, Any]:
@@ -486,15 +565,7 @@ def cleanup(conn: Any, vm_uuid: str, files: ViewFiles, clone_name: str | None) -
         dom = conn.lookupByUUIDString(vm_uuid)
     except libvirt.libvirtError:
         dom = None
-    if dom is not None and dom.isActive() and our_backup_job(dom, files):
-        with contextlib.suppress(libvirt.libvirtError):  # it may end by itself meanwhile
-            dom.abortJob()
-        # the job ends asynchronously: libvirt then removes the socket and scratch files
-        deadline = time.monotonic() + BACKUP_END_TIMEOUT
-        while our_backup_job(dom, files):
-            if time.monotonic() > deadline:
-                raise CaptureError(f"the backup job of the prototype did not end within {BACKUP_END_TIMEOUT:.0f}s")
-            time.sleep(0.2)
+    if dom is not None and end_backup(dom, files):
         done.append("ended the backup job")
     if files.directory.exists():
         for pidfile in sorted(files.directory.glob("nbd-*.pid")):

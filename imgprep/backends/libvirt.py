@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from imgprep.guestchannel import SocketChannel, prepare_socket_dir, socket_path
 from imgprep.leftovers import check_clean
 from imgprep.libguestfs import Guest, open_guest, selinux_label
 from imgprep.run import run
+from imgprep.scratchguard import MiB, view_room_problem
 from imgprep.workflow import Engine, Step
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,28 @@ def _is_transient(exc: libvirt.libvirtError) -> bool:
         or "is busy" in message
         or "Failed to get" in message
     )
+
+
+def _reports_view_end(step: Callable[[LibvirtBackend], T]) -> Callable[[LibvirtBackend], T]:
+    """A step that reads the view (libguestfs, the clone's QEMU, qemu-img) and fails: if
+    the view ended meanwhile, that is the cause reported (not the read error it caused)."""
+
+    @functools.wraps(step)
+    def wrapper(self: LibvirtBackend) -> T:
+        try:
+            return step(self)
+        except (pit.CaptureError, TransientError):
+            raise
+        except Exception as exc:
+            try:
+                self.capture.check()
+            except pit.CaptureError as cause:
+                raise cause from exc
+            except Exception as unknown:  # the check could not tell: report the step's own error
+                log.debug("checking the view after %s failed: %s", step.__name__, unknown)
+            raise
+
+    return wrapper
 
 
 def disks_of(xml: str) -> list[dict[str, str]]:
@@ -403,6 +427,10 @@ class LibvirtBackend(Backend[LibvirtState]):
             pit.SourceDisk.from_xml(xml)
         except NotSupported as exc:
             problems.append(exc.message)
+        if running:  # a backup job's scratch files grow in the view directory
+            problem = view_room_problem(self.config.view_dir, self.config.scratch_reserve_mib * MiB)
+            if problem:
+                problems.append(problem)
         requested = None if self.request.consistency == "auto" else self.request.consistency
         if running and requested != "crash":
             # refused up front: a silent agent where one is expected (auto, freeze), freeze
@@ -424,6 +452,7 @@ class LibvirtBackend(Backend[LibvirtState]):
     def _disks(xml: str) -> list[dict[str, str]]:
         return [d for d in disks_of(xml) if d["device"] == "disk"]
 
+    @_reports_view_end
     def inject(self) -> None:
         request = self.request
         persistent = self._persistent_xml()
@@ -487,6 +516,7 @@ class LibvirtBackend(Backend[LibvirtState]):
                 raise TransientError(f"query state: {exc}") from None
             raise ImgprepError(f"query state: {exc}", code="LibvirtError") from None
 
+    @_reports_view_end
     def boot_prepare(self) -> None:
         dom = self.capture.boot_domain()
         if self._boot_active(dom):
@@ -515,6 +545,7 @@ class LibvirtBackend(Backend[LibvirtState]):
         return str(self._channel_path()) in live
 
     def poll_guest(self) -> tuple[GuestStatus, bool]:
+        self.capture.check()  # clone: a view that ended under the prepare boot fails the job now
         channel = self._guest_channel()
         status = channel.poll()
         powered_off = not self._boot_active(self.capture.boot_domain())
@@ -526,7 +557,9 @@ class LibvirtBackend(Backend[LibvirtState]):
         self.state.channel_bytes = channel.bytes_read  # what the guest wrote to us (saved with the step)
         return status, powered_off
 
+    @_reports_view_end
     def export(self) -> ExportResult:
+        self.capture.check()  # the view is still a point in time before it is read
         disks = self.capture.disks()
         # the guest's "success" is its own claim: look for imgprep's files before publishing
         check_clean(disks, self.state.injected, force_tcg=self.config.libguestfs_tcg)
@@ -761,6 +794,8 @@ class CloneCapture:
                 agent_timeout=max(1, round(b.config.timeouts.agent)),
                 stop_timeout=b.config.timeouts.stop,
                 socket_root=pit.SOCKET_ROOT,
+                scratch_reserve=b.config.scratch_reserve_mib * MiB,
+                guard_connect=lambda: libvirt.open(b.config.libvirt_uri),
             )
         return self._view
 
@@ -843,7 +878,13 @@ class CloneCapture:
         self.backend.persist()
 
     def check(self) -> None:
-        self._run("check the prototype", self.view.check_view)
+        try:
+            self.view.check_view()
+        except libvirt.libvirtError as exc:
+            if _is_transient(exc):  # libvirtd restarting: the view may be intact, ask again
+                self.backend._conn = None
+                raise TransientError(f"check the prototype: {exc}") from None
+            raise ImgprepError(f"check the prototype: {exc}", code="LibvirtError") from None
 
     def boot_xml(self, channel: ET.Element) -> str:
         return self.view.boot_xml(channel)

@@ -13,6 +13,8 @@ from imgprep import pointintime as pit
 from imgprep.clonecapture import CloneCapture, CloneState, _view_from_json, choose_consistency
 from imgprep.errors import InvalidInput
 from imgprep.guestagent import AgentProbe
+from imgprep.scratchguard import ScratchGuard
+from tests.unit.test_pointintime import Prototype, backup_view, libvirt_error
 
 ANSWERS = AgentProbe("answers", "connected", 0.1)
 ABSENT = AgentProbe("absent", None, 0.0)
@@ -77,6 +79,8 @@ def test_view_survives_the_job_record() -> None:
         {"state": 5, "reason": 1, "disks": {"vdb": {"rdev": "7:3", "sectors_written": 8}}},
     )
     assert _view_from_json(json.loads(json.dumps(view.as_json()))) == view
+    running = pit.View("backup", "freeze", view.disks, 2.5, domain_id=12)
+    assert _view_from_json(json.loads(json.dumps(running.as_json()))) == running
 
 
 class FakeDom:
@@ -97,7 +101,7 @@ class FakeDom:
         return bool(self._state != libvirt.VIR_DOMAIN_SHUTOFF)
 
     def backupGetXMLDesc(self, _flags: int) -> str:
-        raise libvirt.libvirtError("no domain backup job present")
+        raise libvirt_error(libvirt.VIR_ERR_NO_DOMAIN_BACKUP, "no domain backup job present")
 
 
 class FakeConn:
@@ -178,3 +182,75 @@ def test_a_silent_agent_fails_the_capture_before_anything_exists(
     assert state.consistency is None
     assert state.view is None
     assert dom.calls == []
+
+
+class ProtoConn:
+    def __init__(self, dom: Prototype) -> None:
+        self.dom = dom
+
+    def lookupByUUIDString(self, _uuid: str) -> Prototype:
+        return self.dom
+
+
+def running_capture(tmp_path: Path, dom: Prototype, saved: list[str]) -> CloneCapture:
+    capture = CloneCapture(
+        conn=lambda: ProtoConn(dom),
+        vm_uuid="u",
+        vm_name="web1",
+        job_uuid="1234abcd",
+        view_root=tmp_path,
+        state=CloneState(view_dir="/j", consistency="freeze", view=backup_view().as_json()),
+        persist=lambda: saved.append("persist"),
+    )
+    return capture
+
+
+def test_check_view_fails_once_the_prototype_stopped(tmp_path: Path) -> None:
+    dom = Prototype()
+    capture = running_capture(tmp_path, dom, [])
+    capture.check_view()  # control: running, its backup job there
+    dom.active = False
+    with pytest.raises(pit.PrototypeStopped):
+        capture.check_view()
+
+
+def test_check_view_reports_the_scratch_guard_and_records_it(tmp_path: Path) -> None:
+    dom = Prototype()
+    saved: list[str] = []
+    capture = running_capture(tmp_path, dom, saved)
+    guard = ScratchGuard(Path("/j"), 100, lambda: (True, False), free=lambda _p: 10)
+    capture._guard = guard
+    capture.check_view()  # control: the guard has not looked yet
+    assert guard.poll() is not None
+    with pytest.raises(pit.ScratchSpaceLow, match="ended the backup job") as err:
+        capture.check_view()
+    assert err.value.code == "ScratchSpaceLow"
+    assert capture.state.scratch_trip is not None
+    assert capture.state.scratch_trip["ended"] is True
+    assert saved == ["persist"]
+
+
+def test_the_guard_ends_our_backup_job_on_its_own_connection_and_resumes_a_paused_prototype(tmp_path: Path) -> None:
+    dom = Prototype(socket=str(pit.SOCKET_ROOT / "1234abcd" / "nbd.sock"))
+    dom.paused_reason = libvirt.VIR_DOMAIN_PAUSED_IOERROR  # a scratch write failed before the guard acted
+    closed: list[bool] = []
+
+    class GuardConn(ProtoConn):
+        def close(self) -> None:
+            closed.append(True)
+
+    capture = CloneCapture(
+        conn=lambda: pytest.fail("the guard must not use the job's connection"),
+        vm_uuid="u",
+        vm_name="web1",
+        job_uuid="1234abcd",
+        view_root=tmp_path,
+        state=CloneState(view_dir=str(tmp_path / "1234abcd"), socket_dir=str(pit.SOCKET_ROOT / "1234abcd")),
+        persist=lambda: None,
+        socket_root=pit.SOCKET_ROOT,
+        scratch_reserve=1,
+        guard_connect=lambda: GuardConn(dom),
+    )
+    assert capture._end_view_now() == (True, True)
+    assert dom.calls == ["abort", "resume"]
+    assert closed == [True]

@@ -22,6 +22,7 @@ strict: true
 libguestfs_tcg: true
 retry_attempts: 7
 retry_max_seconds: 12.5
+scratch_reserve_mib: 512
 timeouts:
   stop: 10
   boot: 20
@@ -66,6 +67,7 @@ def test_every_key_is_parsed(tmp_path: Path) -> None:
     assert config.libguestfs_tcg is True
     assert config.retry_attempts == 7
     assert config.retry_max_seconds == 12.5
+    assert config.scratch_reserve_mib == 512
     assert config.timeouts == Timeouts(stop=10.0, boot=20.0, prepare=30.5, shutdown=40.0, agent=25.0)
     assert dict(config.hosts) == {
         "cn1": SmartosHost(
@@ -97,6 +99,7 @@ def test_defaults() -> None:
     assert config.strict is False
     assert config.script is None
     assert config.retry_attempts == 5
+    assert config.scratch_reserve_mib == 256
     assert dict(config.hosts) == {}
     assert config.serve.listen == "127.0.0.1:8480"
     assert config.serve.backend == "libvirt"
