@@ -54,6 +54,16 @@ def choose_consistency(requested: pit.Consistency | None, running: bool, agent_a
     return requested
 
 
+def nvram_of(domain_xml: str) -> tuple[Path | None, Path | None]:
+    """The prototype's UEFI variable store (``<os><nvram>``) and the template libvirt
+    creates it from, as the definition names them."""
+    element = ET.fromstring(domain_xml).find("./os/nvram")
+    if element is None or not (element.text or "").strip():
+        return None, None
+    template = element.get("template")
+    return Path((element.text or "").strip()), Path(template) if template else None
+
+
 @dataclasses.dataclass
 class CloneState:
     """The clone capture's part of the job record (JSON-able)."""
@@ -133,9 +143,9 @@ class CloneCapture:
         files.create(owner)
         persistent = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         disks = pit.SourceDisk.from_xml(persistent)
-        nvram = ET.fromstring(persistent).findtext("./os/nvram")
-        if nvram:
-            self.state.nvram = str(pit.copy_nvram(Path(nvram), files, owner))
+        nvram, template = nvram_of(persistent)
+        if nvram is not None:
+            self.state.nvram = str(pit.copy_nvram(nvram, template, files, owner))
         running = bool(dom.isActive())
         agent = running and pit.agent_answers(dom, self.agent_timeout)
         consistency = choose_consistency(self.requested, running, agent)

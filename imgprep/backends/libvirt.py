@@ -41,7 +41,7 @@ from imgprep import pointintime as pit
 from imgprep.backends.base import Backend, JobState, StopTimeout, VmFacts
 from imgprep.channel import ChannelParser, GuestStatus
 from imgprep.clonecapture import CloneCapture as CloneView
-from imgprep.clonecapture import CloneState, choose_consistency
+from imgprep.clonecapture import CloneState, choose_consistency, nvram_of
 from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
 from imgprep.export import ExportResult, export_disk, export_need
@@ -402,6 +402,12 @@ class LibvirtBackend(Backend[LibvirtState]):
             pit.SourceDisk.from_xml(xml)
         except NotSupported as exc:
             problems.append(exc.message)
+        nvram, template = nvram_of(xml)
+        if nvram is not None:
+            try:  # the clone boots a copy of it (a never-started VM's: of its template)
+                pit.nvram_source(nvram, template)
+            except NotSupported as exc:
+                problems.append(exc.message)
         requested = self.request.consistency
         if running and requested in ("freeze", "stop"):
             try:  # asking for freeze without an agent, or stop with one, is refused up front
