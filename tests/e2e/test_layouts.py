@@ -2,9 +2,18 @@
 
 Each layout boots through its own bootloader (SeaBIOS or OVMF, GRUB from the disk),
 with the test guest's daemons (``ConditionFirstBoot=no``, so a fresh prototype has
-never started them). Per layout: the prototype boots to a login prompt, ``imgprep
-create`` succeeds, the image is clean by the same inspection as tests/e2e/test_create.py,
-and the prototype is as before (running again, no checkpoint, same definition).
+never started them). Per layout: ``imgprep create`` (clone mode) succeeds, the image is
+clean by the same inspection as tests/e2e/test_create.py, and the prototype is as
+before. Where the layout is the point, the prototype is shut off (no boot of its own
+beyond the one that gives it an NVRAM and a machine-id) and "as before" is exact: its
+persistent definition, its disk and its NVRAM are byte-identical afterwards.
+
+``uefi-btrfs``: shut off (the NVRAM, the definition and the disk unchanged), and running
+(frozen through its agent, never stopped). ``cloud``: never booted, under each firmware
+it carries (under UEFI the prototype has no NVRAM yet, and still has none afterwards);
+its NoCloud meta-data comes from the SMBIOS serial (``ds=nocloud;h=...;i=...``), as a
+user gives a cloud image its seed without a seed disk, so cloud-init has a datasource
+at once and never waits for a network one.
 
 SELinux: the libvirt backend labels what it injects with the guest's own policy
 (``selinux_label``). ``test_selinux_labels_make_the_injection_run`` writes imgprep's
@@ -32,11 +41,13 @@ from typing import Any
 import pytest
 
 from imgprep import artifacts
+from imgprep import pointintime as pit
 from imgprep.libguestfs import open_guest, selinux_label
 from tests import layouts
 from tests.e2e.conftest import BOOT_TIMEOUT, LIBVIRT_URI, VM_ROOT, Prototype
 from tests.e2e.test_clone import leftovers
 from tests.e2e.test_create import DEMO_STARTED, TIMEOUTS, inspect_disk, sha1_of
+from tests.e2e.test_pointintime import wait_for
 from tests.guestimage import GuestImage
 
 pytestmark = [pytest.mark.e2e, pytest.mark.layouts]
@@ -216,6 +227,29 @@ def test_uefi_shut_off_prototype_in_clone_mode(
     record = json.loads(imgprep("jobs", "get", summary["job_uuid"]).stdout)
     assert record["state"]["clone"]["root_target"] == "vda"  # found on a btrfs subvolume
     assert record["needs_recovery"] is False
+
+
+def test_uefi_running_prototype_frozen_through_its_agent(
+    make_layout_prototype: MakeLayout, imgprep: Any, output_dir: Path
+) -> None:
+    """A running UEFI prototype: the point in time under an agent freeze (btrfs root and
+    /var frozen), the prototype never stops, its definition unchanged, the image clean."""
+    proto = make_layout_prototype("uefi-btrfs")
+    proto.start(LOGIN)
+    wait_for("the agent", lambda: pit.agent_answers(proto.dom))
+    dom_id = proto.dom.ID()
+    definition = proto.persistent_xml()
+
+    summary = _create(proto, imgprep, output_dir)
+
+    assert summary["capture"]["consistency"] == "freeze"
+    assert summary["capture"]["thaw_attempts"] == 1
+    assert proto.is_running()
+    assert proto.dom.ID() == dom_id
+    assert proto.persistent_xml() == definition
+    assert proto.snapshots() == []
+    _assert_clean(Path(summary["file"]), cloud_init=True)
+    assert leftovers(proto.conn, summary["job_uuid"], proto) == []
 
 
 @pytest.mark.parametrize("firmware", ["efi", "bios"])
