@@ -348,8 +348,11 @@ def _cloud(g: Any, tree: Path) -> str:
     g.write("/etc/machine-id", b"")
     g.write("/etc/hostname", b"")
     g.rm_f("/var/lib/dbus/machine-id")
-    # What GRUB sees of /boot/grub, for the build log: a partition of the disk it
-    # installs to (hd0,gpt1), or another disk ("cross-disk").
+    # What GRUB sees of /boot/grub (with the device map _grub writes), for the build
+    # log: a partition of the disk it installs to (hd0,gpt1), or another disk
+    # ("cross-disk", which needs the core image embedded: here in partition 14).
+    g.mkdir_p("/boot/grub")
+    g.write("/boot/grub/device.map", b"(hd0) /dev/sda\n")
     for target in ("device", "disk", "drive"):
         try:
             out = str(g.command(["grub-probe", f"--target={target}", "/boot/grub"])).strip()
