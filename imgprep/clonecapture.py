@@ -74,6 +74,16 @@ def choose_consistency(requested: pit.Consistency | None, running: bool, agent: 
     return requested or "freeze"
 
 
+def nvram_of(domain_xml: str) -> tuple[Path | None, Path | None]:
+    """The prototype's UEFI variable store (``<os><nvram>``) and the template libvirt
+    creates it from, as the definition names them."""
+    element = ET.fromstring(domain_xml).find("./os/nvram")
+    if element is None or not (element.text or "").strip():
+        return None, None
+    template = element.get("template")
+    return Path((element.text or "").strip()), Path(template) if template else None
+
+
 @dataclasses.dataclass
 class CloneState:
     """The clone capture's part of the job record (JSON-able)."""
@@ -167,9 +177,9 @@ class CloneCapture:
         files.create(owner)
         persistent = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         disks = pit.SourceDisk.from_xml(persistent)
-        nvram = ET.fromstring(persistent).findtext("./os/nvram")
-        if nvram:
-            self.state.nvram = str(pit.copy_nvram(Path(nvram), files, owner))
+        nvram, template = nvram_of(persistent)
+        if nvram is not None:
+            self.state.nvram = str(pit.copy_nvram(nvram, template, files, owner))
         if consistency == "shutoff":
             view = pit.capture_shutoff(dom, files, disks, owner)
         else:

@@ -113,10 +113,13 @@ class Guest:
 
     def root_drive_index(self) -> int:
         """Which drive (in the order they were added) holds the root filesystem, found by
-        inspection (a partition, a whole disk, or an LVM volume's first physical volume)."""
+        inspection (a partition, a whole disk, an LVM volume's first physical volume, or
+        the device of a btrfs subvolume)."""
         return self._drive_of(self.root)
 
     def _drive_of(self, device: str) -> int:
+        if device.startswith("btrfsvol:"):  # a subvolume root: "btrfsvol:/dev/sda2/@"
+            device = str(self.g.mountable_device(device))
         if self.g.is_lv(device):
             vg = str(self.g.lvm_canonical_lv_name(device)).split("/")[2]
             uuids = {str(u).replace("-", "") for u in self.g.vgpvuuids(vg)}

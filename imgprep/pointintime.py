@@ -517,10 +517,24 @@ def save(files: ViewFiles, view: View) -> None:
     tmp.rename(files.record)
 
 
-def copy_nvram(source: Path, files: ViewFiles, owner: tuple[int, int]) -> Path:
-    """A private copy of the UEFI variable store (read, never written)."""
+def nvram_source(nvram: Path, template: Path | None) -> Path:
+    """Where the clone's UEFI variable store comes from: the prototype's own, or, when
+    the prototype has never been started (libvirt creates the store from the template on
+    the first start), the template -- what the prototype's first boot would get."""
+    if nvram.exists():
+        return nvram
+    if template is not None and template.is_file():
+        return template
+    raise NotSupported(
+        f"the VM's UEFI variable store {nvram} does not exist and its definition names no readable template"
+    )
+
+
+def copy_nvram(nvram: Path, template: Path | None, files: ViewFiles, owner: tuple[int, int]) -> Path:
+    """A private copy of the UEFI variable store (read, never written; never created
+    for the prototype either)."""
     dest = files.nvram()
-    shutil.copyfile(source, dest)
+    shutil.copyfile(nvram_source(nvram, template), dest)
     os.chown(dest, *owner)
     return dest
 

@@ -17,6 +17,14 @@ mounted on the host. Layouts:
 ``selinux``
     BIOS + GRUB, GPT, root ext4, SELinux enforcing (``selinux=1 security=selinux
     enforcing=1``), the filesystem labelled with the guest's own ``file_contexts``.
+``cloud``
+    A cloud image as Debian's own image builder (debian-cloud-images, FAI) lays it out:
+    GPT with partition 14 BIOS boot (3 MiB at 1 MiB), 15 the ESP (124 MiB, vfat), 1 the
+    root filesystem (ext4, the rest); GRUB for BIOS (core image in partition 14) and for
+    UEFI (also on the removable path, no NVRAM entry); cloud-init with the NoCloud and
+    ConfigDrive datasources; never booted: an empty ``/etc/machine-id`` and
+    ``/etc/hostname``, no SSH host keys, no D-Bus machine-id. It boots with either
+    firmware.
 
 Each is cached under ``<cache>/layouts/<name>-<recipe hash>``; the debootstrapped tree is
 cached once for all of them. ``python -m tests.layouts build NAME`` prints the directory.
@@ -39,6 +47,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape as xml_escape
 
 from imgprep.libguestfs import Guest, selinux_label
 from tests import guestimage
@@ -68,7 +77,7 @@ mount -t proc proc "$root/proc"
 chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
     sh -c 'apt-get update -q && apt-get install -y -q --no-install-recommends "$@" && apt-get clean' apt "$@"
 """
-LAYOUTS = ("bios-lvm-xfs", "uefi-btrfs", "selinux")
+LAYOUTS = ("bios-lvm-xfs", "uefi-btrfs", "selinux", "cloud")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 DISK_SIZE = 3 * 1024**3
@@ -76,6 +85,7 @@ CMDLINE = "console=ttyS0,115200 net.ifnames=0"
 SELINUX_CMDLINE = "selinux=1 security=selinux enforcing=1"
 BIOS_GRUB_GUID = "21686148-6449-6E6F-744E-656564454649"
 ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+LINUX_ROOT_X86_64_GUID = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 
 GRUB_DEFAULT = """GRUB_DEFAULT=0
 GRUB_TIMEOUT=1
@@ -87,6 +97,7 @@ GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
 GRUB_DISABLE_OS_PROBER=true
 """
 SELINUX_CONFIG = "SELINUX=enforcing\nSELINUXTYPE=default\n"
+CLOUD_DATASOURCES = "datasource_list: [ NoCloud, ConfigDrive, None ]\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +117,13 @@ class Layout:
         return data
 
     @property
+    def firmwares(self) -> tuple[str, ...]:
+        """What it boots with: ``bios``, ``efi`` or both (the first is the default)."""
+        return tuple(str(self.info["firmware"]).split(","))
+
+    @property
     def firmware(self) -> str:
-        return str(self.info["firmware"])
+        return self.firmwares[0]
 
 
 def tree_key() -> str:
@@ -121,13 +137,14 @@ def tree_key() -> str:
 
 
 def layout_key(name: str) -> str:
-    builder = BUILDERS[name]
+    code: list[Callable[..., Any]] = [BUILDERS[name], _install_tree, _grub, _launch, *HELPERS.get(name, ())]
     recipe = {
         "tree": tree_key(),
         "name": name,
         "size": DISK_SIZE,
-        "files": [GRUB_DEFAULT, CMDLINE, SELINUX_CMDLINE, SELINUX_CONFIG],
-        "code": [inspect.getsource(f) for f in (builder, _install_tree, _grub, _launch)],
+        "files": [GRUB_DEFAULT, CMDLINE, SELINUX_CMDLINE, SELINUX_CONFIG]
+        + ([CLOUD_DATASOURCES, LINUX_ROOT_X86_64_GUID] if name == "cloud" else []),
+        "code": [inspect.getsource(f) for f in code],
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -285,11 +302,79 @@ def _selinux(g: Any, tree: Path) -> str:
     return "bios"
 
 
+def _gpt_partition(g: Any, dev: str, number: int, start: int, end: int) -> None:
+    """Partition ``number`` from ``start`` to ``end`` (sectors): parted numbers a new GPT
+    partition with the lowest free number, so the numbers below it are held by
+    placeholders at the end of the disk while it is added, then freed."""
+    taken = {int(p["part_num"]) for p in g.part_list(dev)}
+    holders = [n for n in range(1, number) if n not in taken]
+    last = DISK_SIZE // 512 - 2048 - 1  # the placeholders sit in the last MiB before the GPT backup
+    for i in range(len(holders)):
+        g.part_add(dev, "p", last - 8 * (len(holders) - i), last - 8 * (len(holders) - i) + 7)
+    g.part_add(dev, "p", start, end)
+    for n in holders:
+        g.part_del(dev, n)
+
+
+def _cloud(g: Any, tree: Path) -> str:
+    dev = "/dev/sda"
+    g.part_init(dev, "gpt")
+    # Debian's layout: root last on the disk but numbered 1, so that growpart and
+    # x-systemd.growfs find it; 14 and 15 first.
+    root_end = DISK_SIZE // 512 - 2048 - 1 - 8 * 13
+    g.part_add(dev, "p", 262144, root_end)
+    _gpt_partition(g, dev, 14, 2048, 8191)
+    _gpt_partition(g, dev, 15, 8192, 262143)
+    g.part_set_gpt_type(dev, 14, BIOS_GRUB_GUID)
+    g.part_set_gpt_type(dev, 15, ESP_GUID)
+    g.part_set_gpt_type(dev, 1, LINUX_ROOT_X86_64_GUID)
+    numbers = sorted(int(p["part_num"]) for p in g.part_list(dev))
+    if numbers != [1, 14, 15]:
+        raise RuntimeError(f"the cloud layout has partitions {numbers}, not 1, 14, 15")
+    g.mkfs("ext4", "/dev/sda1")
+    g.mkfs("vfat", "/dev/sda15")
+    g.mount("/dev/sda1", "/")
+    g.mkdir_p("/boot/efi")
+    g.mount("/dev/sda15", "/boot/efi")
+    fstab = (
+        f"UUID={g.vfs_uuid('/dev/sda1')} / ext4 rw,discard,errors=remount-ro,x-systemd.growfs 0 1\n"
+        f"UUID={g.vfs_uuid('/dev/sda15')} /boot/efi vfat defaults 0 0\n"
+    )
+    _install_tree(g, tree, fstab, CMDLINE)
+    g.write("/etc/cloud/cloud.cfg.d/90_datasources.cfg", CLOUD_DATASOURCES.encode())
+    # Never booted, as the image builder leaves it: no host keys, no identity.
+    for key in g.glob_expand("/etc/ssh/ssh_host_*"):
+        g.rm(key)
+    g.write("/etc/machine-id", b"")
+    g.write("/etc/hostname", b"")
+    g.rm_f("/var/lib/dbus/machine-id")
+    # What GRUB sees of /boot/grub (with the device map _grub writes), for the build
+    # log: a partition of the disk it installs to (hd0,gpt1), or another disk
+    # ("cross-disk", which needs the core image embedded: here in partition 14).
+    g.mkdir_p("/boot/grub")
+    g.write("/boot/grub/device.map", b"(hd0) /dev/sda\n")
+    for target in ("device", "disk", "drive"):
+        try:
+            out = str(g.command(["grub-probe", f"--target={target}", "/boot/grub"])).strip()
+        except RuntimeError as exc:
+            out = f"failed: {exc}"
+        print(f"+ guest: grub-probe --target={target} /boot/grub: {out}", file=sys.stderr, flush=True)
+    _grub(
+        g,
+        ["--target=i386-pc", dev],
+        ["--target=x86_64-efi", "--efi-directory=/boot/efi", "--no-nvram", "--force-extra-removable"],
+    )
+    return "bios,efi"
+
+
 BUILDERS: dict[str, Callable[[Any, Path], str]] = {
     "bios-lvm-xfs": _bios_lvm_xfs,
     "uefi-btrfs": _uefi_btrfs,
     "selinux": _selinux,
+    "cloud": _cloud,
 }
+# Helpers a builder uses besides the shared ones (part of that layout's recipe).
+HELPERS: dict[str, tuple[Callable[..., Any], ...]] = {"cloud": (_gpt_partition,)}
 
 
 def build(name: str, force: bool = False) -> Layout:
@@ -331,10 +416,13 @@ def domain_xml(
     nvram: Path | None = None,
     domain_uuid: str | None = None,
     memory_mib: int = 1024,
+    smbios_serial: str | None = None,
 ) -> str:
     """libvirt XML for a software-emulated domain that boots ``disk`` through its own
     bootloader: SeaBIOS (``firmware='bios'``) or OVMF (``'efi'``, with ``nvram``, a
-    per-domain copy libvirt makes from the VARS template)."""
+    per-domain copy libvirt makes from the VARS template). ``smbios_serial``: the
+    system serial number the guest reads from SMBIOS (cloud-init's NoCloud takes its
+    meta-data from ``ds=nocloud;...`` there)."""
     if firmware == "efi":
         if nvram is None:
             raise ValueError("a UEFI domain needs an nvram path")
@@ -348,11 +436,18 @@ def domain_xml(
         loader, machine, features = "", "pc", "<acpi/>"
     else:
         raise ValueError(f"unknown firmware {firmware!r}")
+    sysinfo = ""
+    if smbios_serial is not None:
+        loader += "\n    <smbios mode='sysinfo'/>"
+        sysinfo = (
+            f"\n  <sysinfo type='smbios'><system><entry name='serial'>{xml_escape(smbios_serial)}</entry></system>"
+            "</sysinfo>"
+        )
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <uuid>{domain_uuid or uuid.uuid4()}</uuid>
   <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>1</vcpu>
+  <vcpu>1</vcpu>{sysinfo}
   <os>
     <type arch='x86_64' machine='{machine}'>hvm</type>{loader}
     <boot dev='hd'/>

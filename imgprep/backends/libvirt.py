@@ -42,7 +42,7 @@ from imgprep import pointintime as pit
 from imgprep.backends.base import Backend, JobState, StopTimeout, VmFacts
 from imgprep.channel import ChannelParser, GuestStatus
 from imgprep.clonecapture import CloneCapture as CloneView
-from imgprep.clonecapture import CloneState, choose_consistency
+from imgprep.clonecapture import CloneState, choose_consistency, nvram_of
 from imgprep.config import Config
 from imgprep.errors import ImgprepError, InvalidInput, NotSupported, TransientError, VmBusy
 from imgprep.export import ExportResult, export_disk, export_need
@@ -427,6 +427,12 @@ class LibvirtBackend(Backend[LibvirtState]):
             pit.SourceDisk.from_xml(xml)
         except NotSupported as exc:
             problems.append(exc.message)
+        nvram, template = nvram_of(xml)
+        if nvram is not None:
+            try:  # the clone boots a copy of it (a never-started VM's: of its template)
+                pit.nvram_source(nvram, template)
+            except NotSupported as exc:
+                problems.append(exc.message)
         if running:  # a backup job's scratch files grow in the view directory
             problem = view_room_problem(self.config.view_dir, self.config.scratch_reserve_mib * MiB)
             if problem:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,8 @@ import libvirt
 import pytest
 
 from imgprep import pointintime as pit
-from imgprep.clonecapture import CloneCapture, CloneState, _view_from_json, choose_consistency
-from imgprep.errors import InvalidInput
+from imgprep.clonecapture import CloneCapture, CloneState, _view_from_json, choose_consistency, nvram_of
+from imgprep.errors import InvalidInput, NotSupported
 from imgprep.guestagent import AgentProbe
 from imgprep.scratchguard import ScratchGuard
 from tests.unit.test_pointintime import Prototype, backup_view, libvirt_error
@@ -65,6 +66,40 @@ def test_stop_with_an_answering_agent_is_refused() -> None:
     with pytest.raises(InvalidInput, match="disconnected") as err:
         choose_consistency("stop", running=True, agent=ANSWERS)
     assert err.value.code == "AgentWouldDisconnect"
+
+
+UEFI_XML = """<domain type='qemu'><name>p</name><os><type>hvm</type>
+<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
+<nvram template='{template}'>{nvram}</nvram></os><devices/></domain>"""
+
+
+def test_the_nvram_and_its_template_from_the_definition() -> None:
+    xml = UEFI_XML.format(template="/usr/share/OVMF/OVMF_VARS_4M.fd", nvram="/var/lib/libvirt/qemu/nvram/p_VARS.fd")
+    assert nvram_of(xml) == (Path("/var/lib/libvirt/qemu/nvram/p_VARS.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd"))
+    assert nvram_of("<domain><os><type>hvm</type></os><devices/></domain>") == (None, None)
+
+
+def test_the_clone_copies_the_nvram_or_for_a_never_started_vm_its_template(tmp_path: Path) -> None:
+    template, nvram = tmp_path / "VARS.fd", tmp_path / "p_VARS.fd"
+    template.write_bytes(b"template")
+    files = pit.ViewFiles(tmp_path / "view")
+    files.directory.mkdir()
+    owner = (os.getuid(), os.getgid())
+    # never started: libvirt has not created the store yet; the clone gets the template's
+    # bytes and the prototype still has no store
+    assert pit.copy_nvram(nvram, template, files, owner).read_bytes() == b"template"
+    assert not nvram.exists()
+    # started before (the control): its own store, not the template
+    nvram.write_bytes(b"the prototype's variables")
+    assert pit.copy_nvram(nvram, template, files, owner).read_bytes() == b"the prototype's variables"
+    assert nvram.read_bytes() == b"the prototype's variables"
+
+
+def test_a_missing_nvram_without_a_template_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(NotSupported, match="does not exist and its definition names no readable template"):
+        pit.nvram_source(tmp_path / "p_VARS.fd", None)
+    with pytest.raises(NotSupported, match="no readable template"):
+        pit.nvram_source(tmp_path / "p_VARS.fd", tmp_path / "missing-template.fd")
 
 
 def test_view_survives_the_job_record() -> None:

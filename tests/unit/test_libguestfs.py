@@ -142,3 +142,36 @@ def test_the_cli_and_the_backends_import_without_the_bindings(tmp_path: Path) ->
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) > 10  # the walk found the package's modules
+
+
+class DriveHandle:
+    """What ``Guest.root_drive_index`` asks: two drives, sda (a partition table) and sdb."""
+
+    def is_lv(self, mountable: str) -> bool:
+        if mountable.startswith("btrfsvol:"):
+            return False
+        return mountable.startswith("/dev/vg")
+
+    def part_to_dev(self, device: str) -> str:
+        if not device[-1].isdigit():
+            raise RuntimeError(f"part_to_dev: {device}: not a partition")
+        return device.rstrip("0123456789")
+
+    def device_index(self, device: str) -> int:
+        if device not in ("/dev/sda", "/dev/sdb"):
+            raise RuntimeError(f"device_index: {device}: not a device")  # what libguestfs says of a mountable
+        return ["/dev/sda", "/dev/sdb"].index(device)
+
+    def mountable_device(self, mountable: str) -> str:
+        assert mountable == "btrfsvol:/dev/sdb2/@"
+        return "/dev/sdb2"
+
+
+@pytest.mark.parametrize(
+    ("root", "index"),
+    [("/dev/sda1", 0), ("/dev/sdb", 1), ("btrfsvol:/dev/sdb2/@", 1)],
+)
+def test_the_root_drive_of_a_partition_a_whole_disk_and_a_btrfs_subvolume(root: str, index: int) -> None:
+    from imgprep.libguestfs import Guest
+
+    assert Guest(DriveHandle(), root).root_drive_index() == index
