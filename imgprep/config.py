@@ -45,6 +45,7 @@ class Timeouts:
     boot: float = 300.0  # prepare boot started -> guest reports "running"
     prepare: float = 300.0  # "running" -> "success" | "error" (also the in-guest script limit)
     shutdown: float = 300.0  # final state -> domain shut off
+    verify: float = 600.0  # the verification boot: start -> its report (docs/verification.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,8 @@ class Config:
     strict: bool = False  # an export over IMGAPI's limits fails the job (imgprep.limits)
     capture: str = "clone"  # libvirt: clone (the prototype keeps running) or in-place
     consistency: str = "auto"  # clone of a running VM: auto (freeze if the agent answers, else stop)
+    verify: bool | None = None  # boot the exported image once to verify it; None: yes where available
+    keep_unverified: bool = False  # a failed verification keeps the image file (the job still fails)
     script: Path | None = None
     libguestfs_tcg: bool = False
     retry_attempts: int = 5
@@ -254,7 +257,7 @@ def load_config(path: Path, base: Config | None = None) -> Config:
             if value not in choices:
                 problems.add(node, key, f"must be one of {', '.join(choices)}, got {value!r}")
             changes[key] = value
-        elif key in ("force_stop", "libguestfs_tcg", "strict"):
+        elif key in ("force_stop", "libguestfs_tcg", "strict", "verify", "keep_unverified"):
             changes[key] = _bool(node, key, problems)
         elif key == "retry_attempts":
             changes[key] = _int(node, key, problems)
