@@ -68,7 +68,7 @@ def test_a_broken_image_fails_its_verification_and_is_discarded(
     assert verification["image"] == "discarded"
     assert verification["report"]["failed"] == ["e2e-broken.service"]
     failed = {c["name"] for c in verification["checks"] if c["status"] == "failed"}
-    assert failed == {"failed-units", "machine-id", "ssh-host-keys"}, verification["checks"]
+    assert {"failed-units", "machine-id", "ssh-host-keys"} <= failed, verification["checks"]
     assert list(output_dir.iterdir()) == [], "a failed verification leaves no image"
     assert leftovers(prototype.conn, summary["job_uuid"], prototype) == []
     record = json.loads(imgprep("jobs", "get", summary["job_uuid"]).stdout)
