@@ -132,8 +132,8 @@ def test_the_runner_reports_and_the_host_judges(namespaces: None, tmp_path: Path
     assert report.fsck == []  # it did not run in this boot
     assert [k.endswith("(ED25519)") for k in report.ssh_host_keys] == [True]
     key = (tree / "ssh" / "ssh_host_ed25519_key").read_bytes()
-    assert ("machine-id" in report.identities)
-    assert ("ssh-host-keys" in report.identities)
+    assert "machine-id" in report.identities
+    assert "ssh-host-keys" in report.identities
     paths = sorted(p for _, p in report.identities["ssh-host-keys"])
     assert paths == ["/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_ed25519_key.pub"]  # not the symlink
 
