@@ -351,6 +351,8 @@ def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if record.get("boot_report"):
             err.write(format_boot_report(record["boot_report"]) + "\n")
+        if record.get("verification"):
+            err.write(format_verification(record["verification"]) + "\n")
         return EXIT_OK
     if args.jobs_command == "list":
         rows = []

@@ -319,3 +319,21 @@ def test_the_verification_files() -> None:
     assert next(f for f in files if f.path == artifacts.VERIFY_WANTS).link == artifacts.VERIFY_UNIT_PATH
     seed = artifacts.nocloud_seed("iid-imgprep-verify-1")
     assert seed[0].data.decode().startswith("instance-id: iid-imgprep-verify-1\n")
+
+
+def test_the_human_lines_escape_guest_text() -> None:
+    from imgprep.cli import format_verification
+
+    text = format_verification(
+        {
+            "status": "failed",
+            "duration_s": 95.2,
+            "image": "discarded",
+            "checks": [{"name": "failed-units", "status": "failed", "detail": "failed units: \x1b[2Jx.service"}],
+        }
+    )
+    assert text.splitlines() == [
+        "verification: failed (95 s); image discarded",
+        "  failed  failed-units  failed units: \\x1b[2Jx.service",
+    ]
+    assert format_verification(None) == "verification: none"
