@@ -337,3 +337,18 @@ def test_the_human_lines_escape_guest_text() -> None:
         "  failed  failed-units  failed units: \\x1b[2Jx.service",
     ]
     assert format_verification(None) == "verification: none"
+
+
+def test_an_explicit_verify_on_smartos_is_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from imgprep.cli import EXIT_INVALID, main
+
+    monkeypatch.setenv("IMGPREP_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("IMGPREP_CONFIG", raising=False)
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["create", "--vm", "x", "--backend", "smartos", "--host", "cn1", "--verify", "--output-dir", str(tmp_path)]
+    assert main(argv, out, err) == EXIT_INVALID
+    assert err.getvalue().count("\n") == 1
+    assert "applies to the libvirt backend" in err.getvalue()
+    assert not (tmp_path / "state").exists()  # nothing touched, not even the job store
