@@ -276,11 +276,15 @@ class Backend(abc.ABC, Generic[S]):
         self.persist()
         try:
             verification.update(self.verify())
-        except ImgprepError as exc:
+        except BaseException as exc:  # a crash, a cancel too: the record must not say "running"
             if isinstance(exc, VerificationFailed):
                 verification.update(exc.result)
             verification["status"] = "failed"
-            verification["error"] = exc.as_dict()
+            verification["error"] = (
+                exc.as_dict()
+                if isinstance(exc, ImgprepError)
+                else {"code": "InternalError", "message": f"{type(exc).__name__}: {exc}"}
+            )
             if isinstance(exc, TransientError):  # one boot per job: never retried
                 raise ImgprepError(exc.message, code="VerificationFailed") from None
             raise

@@ -352,3 +352,78 @@ def test_an_explicit_verify_on_smartos_is_bad_input(tmp_path: Path, monkeypatch:
     assert err.getvalue().count("\n") == 1
     assert "applies to the libvirt backend" in err.getvalue()
     assert not (tmp_path / "state").exists()  # nothing touched, not even the job store
+
+
+# --- the step: the job fails, the image goes (or stays, if asked) --------------------------
+
+
+def run_fake_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, result: dict[str, Any] | None, *flags: str
+) -> tuple[int, dict[str, Any], str]:
+    import io
+    import json
+
+    import imgprep.jobs
+    from imgprep.cli import main
+    from imgprep.verify import VerificationFailed
+    from tests.api.fakebackend import FakeBackend, add_vm, open_gate
+
+    vm = "5d0f3a52-8a57-4a0e-9d8e-6c2f9b1e0a11"
+
+    class Verifying(FakeBackend):
+        verification_available = True
+
+        def verify(self) -> dict[str, Any]:
+            if result is None:
+                raise VerificationFailed(
+                    "verification of the image failed: failed units: x.service",
+                    result={
+                        "checks": [{"name": "failed-units", "status": "failed", "detail": "failed units: x.service"}]
+                    },
+                )
+            return result
+
+    root = tmp_path / "world"
+    add_vm(root, vm, "proto")
+    open_gate(root, vm)
+    monkeypatch.setenv("IMGPREP_FAKE_WORLD", str(root))
+    monkeypatch.setenv("IMGPREP_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("IMGPREP_CONFIG", raising=False)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    monkeypatch.setattr(imgprep.jobs, "backend_class", lambda _name: Verifying)
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["create", "--vm", vm, "--output-dir", str(out_dir), "--json", *flags], out=out, err=err)
+    return code, json.loads(out.getvalue().splitlines()[-1]), err.getvalue()
+
+
+def test_a_failed_verification_fails_the_job_and_discards_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, summary, err = run_fake_job(tmp_path, monkeypatch, None)
+    assert code == 1, err
+    assert summary["error"]["code"] == "VerificationFailed"
+    assert "failed units: x.service" in err
+    assert summary["verification"]["status"] == "failed"
+    assert summary["verification"]["image"] == "discarded"
+    assert summary["verification"]["checks"][0]["name"] == "failed-units"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_keep_unverified_keeps_the_file_and_no_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, summary, err = run_fake_job(tmp_path, monkeypatch, None, "--keep-unverified")
+    assert code == 1, err
+    kept = summary["verification"]["image"]
+    assert kept.startswith("kept unverified: ")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [Path(kept.split(": ", 1)[1]).name]
+
+
+def test_control_a_passed_verification_publishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, summary, err = run_fake_job(tmp_path, monkeypatch, {"status": "passed", "checks": []})
+    assert code == 0, err
+    assert summary["verification"]["status"] == "passed"
+    assert summary["verification"]["duration_s"] is not None
+    assert Path(summary["manifest"]).exists()
+    code, summary, err = run_fake_job(tmp_path, monkeypatch, None, "--no-verify")
+    assert code == 0, err
+    assert summary["verification"]["status"] == "skipped"
