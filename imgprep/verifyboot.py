@@ -6,8 +6,9 @@ same pass (kept for this in the verification directory instead of the export's
 workdir). ``qemu-nbd`` serves it read-only (as root: QEMU's user need not reach the
 output directory) and a throwaway qcow2 overlay goes over it; one libguestfs launch
 writes the verification unit (``units/imgprep-verify.service``), its runner and the
-identity list into the overlay, plus a NoCloud seed with a fresh instance-id when the
-image has cloud-init. The domain, ``imgprep-<job8>-verify``, is derived by the same
+identity list into the overlay, masks the units that only wait for the network (the
+boot has none), plus a NoCloud seed with a fresh instance-id when the image has
+cloud-init. The domain, ``imgprep-<job8>-verify``, is derived by the same
 code as the clone (clonexml.py): transient, no NIC, no passthrough, the guest channel,
 ``on_poweroff`` destroy, its only disk the overlay at the root disk's target, and for
 a UEFI guest a fresh variable store that libvirt makes from the firmware's template.
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 POWEROFF_WAIT = 120.0  # seconds the guest gets to power off after its report
 CONSOLE_TAIL = 2048  # bytes of the verification boot's console kept on failure
 CLOUD_INIT = ("/usr/bin/cloud-init", "/etc/cloud/cloud.cfg")
+# The verification boot has no network by design: the units that only wait for it to
+# come online would fail after their timeout (systemd-networkd-wait-online does, in the
+# test guest), which says nothing about the image. They are masked in the overlay.
+NETWORK_WAITS = (
+    "systemd-networkd-wait-online.service",
+    "NetworkManager-wait-online.service",
+    "ifupdown-wait-online.service",
+)
 
 
 @dataclasses.dataclass
@@ -59,6 +68,7 @@ class VerifyState:
     domain_uuid: str | None = None
     booted: str | None = None  # what the overlay's backing file is
     cloud_init_seed: bool = False
+    masked: list[str] = dataclasses.field(default_factory=list)  # units masked in the overlay (NETWORK_WAITS)
     cleaned: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -138,6 +148,12 @@ class VerifyBoot:
             guest.rm_rf(artifacts.VERIFY_PREFIX)
             guest.mkdir_p(artifacts.VERIFY_PREFIX, 0o700)
             guest.write_files(files)
+            for unit in NETWORK_WAITS:  # masked: no network to wait for
+                mask = f"/etc/systemd/system/{unit}"
+                guest.rm_rf(mask)
+                guest.symlink("/dev/null", mask)
+                written.append(mask)
+            self.state.masked = list(NETWORK_WAITS)
             if any(guest.exists(p) for p in CLOUD_INIT):
                 seed = artifacts.nocloud_seed(f"iid-imgprep-verify-{uuidlib.uuid4().hex}")
                 guest.rm_rf(artifacts.NOCLOUD_SEED)

@@ -627,6 +627,7 @@ class LibvirtBackend(Backend[LibvirtState]):
             "domain": boot.state.domain,
             "removed": removed,
             "cloud_init_seed": boot.state.cloud_init_seed,
+            "masked": list(boot.state.masked),
         }
         if result["status"] == "failed":
             result["console_tail"] = boot.console_tail()

@@ -77,6 +77,7 @@ def test_clone_of_running_prototype_with_agent(prototype: Prototype, imgprep: An
         "create", "--vm", prototype.name, "--output-dir", str(output_dir), "--json", *TIMEOUTS, verify=True
     )
     job_end = time.time()
+    print("verification", json.dumps(result.summary.get("verification"), indent=1))
 
     assert result.returncode == 0, result.stderr
     summary = result.summary
@@ -121,7 +122,6 @@ def test_clone_of_running_prototype_with_agent(prototype: Prototype, imgprep: An
     # there -- the control for "no daemon state in the image": the image's counter file
     # is the point-in-time prefix above, not what the verification boot wrote on.
     verification = summary["verification"]
-    print("verification", json.dumps(verification, indent=1))
     assert verification["status"] == "passed", verification
     assert {c["name"]: c["status"] for c in verification["checks"]} == dict.fromkeys(
         ("report", "boot", "failed-units", "machine-id", "ssh-host-keys", "identities", "filesystems"), "passed"

@@ -53,6 +53,7 @@ def test_a_broken_image_fails_its_verification_and_is_discarded(
         "create", "--vm", prototype.uuid, "--script", str(script), "--output-dir", str(output_dir),
         "--json", *TIMEOUTS, verify=True,
     )  # fmt: skip
+    print("verification", json.dumps(result.summary.get("verification"), indent=1))
 
     assert result.returncode == 1, result.stderr
     summary = result.summary
