@@ -221,7 +221,7 @@ def _machine_id(report: Report, prototype: Mapping[str, Sequence[str]]) -> Check
 def _ssh_host_keys(report: Report, prototype: Mapping[str, Sequence[str]]) -> Check:
     had = bool(prototype.get("ssh-host-keys"))
     files = report.identities.get("ssh-host-keys", [])
-    same = identities.reused(prototype, {"ssh-host-keys": files})
+    same = [path for digest, path in files if identities.reused(prototype, {"ssh-host-keys": [(digest, path)]})]
     if same:
         return Check("ssh-host-keys", False, f"SSH host keys equal the prototype's: {', '.join(same)}")
     if had and not report.ssh_host_keys:

@@ -94,7 +94,7 @@ def test_reused_host_keys_and_identities_fail_it() -> None:
         "end=1",
     ]
     _, checks = verdict(lines)
-    assert "ssh-host-keys (/etc/ssh/ssh_host_rsa_key)" in checks["ssh-host-keys"].detail
+    assert checks["ssh-host-keys"].detail == "SSH host keys equal the prototype's: /etc/ssh/ssh_host_rsa_key"
     assert checks["identities"].detail == "equal to the prototype's: hostid (/etc/hostid)"
 
 
