@@ -115,3 +115,38 @@ def linux_injection(
         GuestFile(link, link=UNIT_PATH),
         GuestFile(f"{PREFIX}/armed", armed.encode(), 0o600),
     ]
+
+
+VERIFY_PREFIX = "/var/lib/imgprep-verify"
+VERIFY_UNIT_NAME = "imgprep-verify.service"
+VERIFY_UNIT_PATH = f"/etc/systemd/system/{VERIFY_UNIT_NAME}"
+VERIFY_WANTS = f"/etc/systemd/system/multi-user.target.wants/{VERIFY_UNIT_NAME}"
+
+
+def verify_injection(*, channel: str, settle_timeout: int, identity_list: str) -> list[GuestFile]:
+    """What the overlay of a verification boot gets (never the image): the verification
+    unit, its runner, the identity list it hashes, and last the armed file."""
+    armed = "".join(
+        f"{k}={shlex.quote(v)}\n"
+        for k, v in {"IMGPREP_CHANNEL": channel, "IMGPREP_SETTLE_TIMEOUT": str(settle_timeout)}.items()
+    )
+    return [
+        GuestFile(f"{VERIFY_PREFIX}/runner", artifact("units/imgprep-verify-runner").read_bytes(), 0o755),
+        GuestFile(f"{VERIFY_PREFIX}/identities", identity_list.encode(), 0o600),
+        GuestFile(VERIFY_UNIT_PATH, artifact(f"units/{VERIFY_UNIT_NAME}").read_bytes(), 0o644),
+        GuestFile(VERIFY_WANTS, link=VERIFY_UNIT_PATH),
+        GuestFile(f"{VERIFY_PREFIX}/armed", armed.encode(), 0o600),
+    ]
+
+
+def nocloud_seed(instance_id: str) -> list[GuestFile]:
+    """A NoCloud seed with a fresh instance-id: cloud-init treats the boot as a new instance."""
+    return [
+        GuestFile(
+            NOCLOUD_SEED + "/meta-data", f"instance-id: {instance_id}\nlocal-hostname: imgprep-verify\n".encode()
+        ),
+        GuestFile(NOCLOUD_SEED + "/user-data", b"#cloud-config\n"),
+    ]
+
+
+NOCLOUD_SEED = "/var/lib/cloud/seed/nocloud"

@@ -2,7 +2,8 @@
 
 Kinds: ``state`` (running | success | error), ``error`` (detail, sent before the
 state), ``log`` (tail of the operator script's output), ``report`` (the boot report,
-``key=value`` lines). Anything else on the port is ignored.
+``key=value`` lines), ``verify`` (the verification boot's report, ``key=value``
+lines: imgprep.verify parses it). Anything else on the port is ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class GuestStatus:
     error: str | None = None
     log: str | None = None
     report: dict[str, Any] | None = None
+    verify: str | None = None  # the verification report, raw (capped); the first one counts
     seen_states: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -177,3 +179,5 @@ class ChannelParser:
             self.status.log = text
         elif kind == "report":
             self.status.report = parse_report(text)
+        elif kind == "verify" and self.status.verify is None:
+            self.status.verify = text

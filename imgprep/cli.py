@@ -99,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="clone of a running VM: freeze (guest agent), stop (shut down, start again at once), "
         "crash (as after a power loss); auto (default): freeze if the agent answers, else stop",
     )
+    create.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="libvirt: boot the exported image once as a throwaway and check it (default: on; "
+        "--no-verify turns it off)",
+    )
+    create.add_argument(
+        "--keep-unverified",
+        action="store_true",
+        default=None,
+        help="keep the image file when its verification fails (the job still fails)",
+    )
+    create.add_argument("--verify-timeout", type=_positive_seconds, help="seconds for the verification boot")
     create.add_argument("--disk", help="the disk to export, by target (e.g. vdb; default: the root filesystem's)")
     create.add_argument("--mode", choices=["early", "legacy"], default="early", help=argparse.SUPPRESS)
     create.add_argument("--config", type=Path, help="YAML config file")
@@ -199,6 +213,7 @@ def _summary(record: Record) -> dict[str, Any]:
         "error": record.get("error"),
         "boot_report": record.get("boot_report"),
         "capture": record.get("capture"),
+        "verification": record.get("verification"),
     }
 
 
@@ -212,6 +227,22 @@ def format_capture(capture: dict[str, Any]) -> str:
     if isinstance(capture.get("downtime_s"), int | float):
         text += f", prototype down for {capture['downtime_s']:.1f} s"
     return text
+
+
+def format_verification(verification: dict[str, Any] | None) -> str:
+    """One line per check: what the verification boot of the image showed."""
+    if not verification:
+        return "verification: none"
+    status = clean(str(verification.get("status")))
+    duration = verification.get("duration_s")
+    head = f"verification: {status}" + (f" ({duration:.0f} s)" if isinstance(duration, int | float) else "")
+    if verification.get("image"):
+        head += f"; image {clean(str(verification['image']))}"
+    lines = [head]
+    for check in verification.get("checks") or []:
+        status, name, detail = (clean(str(check.get(k))) for k in ("status", "name", "detail"))
+        lines.append(f"  {status:6}  {name:13} {detail}")
+    return "\n".join(lines)
 
 
 def format_boot_report(report: dict[str, Any] | None) -> str:
@@ -252,6 +283,7 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         shutdown_timeout=args.shutdown_timeout,
         stop_timeout=args.stop_timeout,
         agent_timeout=args.agent_timeout,
+        verify_timeout=args.verify_timeout,
     )
     manifest: dict[str, Any] | None = None
     if args.manifest is not None:
@@ -275,6 +307,8 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         capture=args.capture,
         consistency=args.consistency,
         disk=args.disk,
+        verify=args.verify,
+        keep_unverified=args.keep_unverified,
     )
     cancel = CancelToken()
     events = JsonEvents(out) if args.json else HumanEvents(err)
@@ -309,6 +343,7 @@ def cmd_create(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if summary["capture"]:
             out.write(format_capture(summary["capture"]) + "\n")
         out.write(format_boot_report(job.record.get("boot_report")) + "\n")
+        out.write(format_verification(job.record.get("verification")) + "\n")
     return code
 
 
@@ -322,6 +357,8 @@ def cmd_jobs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if record.get("boot_report"):
             err.write(format_boot_report(record["boot_report"]) + "\n")
+        if record.get("verification"):
+            err.write(format_verification(record["verification"]) + "\n")
         return EXIT_OK
     if args.jobs_command == "list":
         rows = []

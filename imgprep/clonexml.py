@@ -127,10 +127,14 @@ def clone_xml(
     job_dir: Path,
     channel: ET.Element,
     nvram: Path | None,
+    only_overlays: bool = False,
 ) -> CloneXml:
     """The clone's definition. ``overlays`` maps every disk target (``vda``) to its
     overlay; ``channel`` is the guest channel element to add; ``nvram`` is the private
-    copy of the prototype's UEFI variable store (required when it has one)."""
+    copy of the prototype's UEFI variable store (required when it has one), or a path
+    that does not exist yet, which libvirt fills from the firmware's template.
+    ``only_overlays``: the disks without an overlay are dropped (the verification boot
+    of an image that holds one disk) instead of refused."""
     root = ET.fromstring(prototype_xml)
     removed: list[str] = []
     devices = root.find("devices")
@@ -174,6 +178,10 @@ def clone_xml(
         target = disk.find("target")
         dev = target.get("dev", "") if target is not None else ""
         if device == "disk":
+            if dev not in overlays and only_overlays:
+                devices.remove(disk)
+                removed.append(f"<disk device='disk'> {dev} (not in the image)")
+                continue
             if dev not in overlays:
                 raise NotSupported(f"disk {dev or '?'} has no overlay; every disk of the VM must be in the clone")
             _replace_disk(disk, overlays[dev])

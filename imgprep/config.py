@@ -46,6 +46,7 @@ class Timeouts:
     prepare: float = 300.0  # "running" -> "success" | "error" (also the in-guest script limit)
     shutdown: float = 300.0  # final state -> domain shut off
     agent: float = 10.0  # clone: the wait for the guest agent's first answer, and each freeze/thaw call
+    verify: float = 600.0  # the verification boot: start -> its report (docs/verification.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,8 @@ class Config:
     strict: bool = False  # an export over IMGAPI's limits fails the job (imgprep.limits)
     capture: str = "clone"  # libvirt: clone (the prototype keeps running) or in-place
     consistency: str = "auto"  # clone of a running VM: auto (freeze if the agent answers, else stop)
+    verify: bool | None = None  # boot the exported image once to verify it; None: yes where available
+    keep_unverified: bool = False  # a failed verification keeps the image file (the job still fails)
     script: Path | None = None
     libguestfs_tcg: bool = False
     retry_attempts: int = 5
@@ -257,7 +260,7 @@ def load_config(path: Path, base: Config | None = None) -> Config:
             if value not in choices:
                 problems.add(node, key, f"must be one of {', '.join(choices)}, got {value!r}")
             changes[key] = value
-        elif key in ("force_stop", "libguestfs_tcg", "strict"):
+        elif key in ("force_stop", "libguestfs_tcg", "strict", "verify", "keep_unverified"):
             changes[key] = _bool(node, key, problems)
         elif key in ("retry_attempts", "scratch_reserve_mib"):
             changes[key] = _int(node, key, problems)

@@ -133,11 +133,14 @@ def export_disk(
     *,
     progress: Callable[[float], None] = lambda _pct: None,
     cancel: Cancellable | None = None,
+    keep_raw: Path | None = None,
 ) -> ExportResult:
+    """``keep_raw`` (gzip/xz): where the flattened raw file that is compressed and hashed
+    is written and left (the verification boots it); by default it is a temporary file."""
     dest = output_dir / output_name(image_uuid, compression)
     with workdir(output_dir, image_uuid) as tmp:
         partial = tmp / dest.name
-        raw_tmp = tmp / f"{image_uuid}.raw"
+        raw_tmp = keep_raw or tmp / f"{image_uuid}.raw"
         result = _export(
             source, source_format, partial, raw_tmp, compression=compression, progress=progress, cancel=cancel
         )

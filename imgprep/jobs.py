@@ -63,6 +63,8 @@ def build_request(
     capture: str | None = None,
     consistency: str | None = None,
     disk: str | None = None,
+    verify: bool | None = None,
+    keep_unverified: bool | None = None,
 ) -> CreateRequest:
     """Check every user input that does not need the hypervisor; report all problems."""
     problems: list[str] = []
@@ -122,6 +124,10 @@ def build_request(
         problems.append("--consistency applies to --capture clone (in place, the VM is shut down)")
     if disk is not None and not (disk.isascii() and disk.isalnum() and len(disk) <= 32):
         problems.append(f"--disk must be a disk target such as vda, got {disk!r}")
+    asked = verify if verify is not None else config.verify  # None: not asked either way
+    if backend_cls is not None and not backend_cls.verification_available and asked:
+        problems.append(f"--verify (verify: true) applies to the libvirt backend; {backend} cannot verify an image")
+    verifying = bool(backend_cls is not None and backend_cls.verification_available and asked is not False)
     if backend_cls is not None and backend_cls.needs_host and not host and require_host:
         problems.append(f"--host is required with --backend {backend}")
     if image_uuid is not None and not is_canonical(image_uuid):
@@ -145,6 +151,8 @@ def build_request(
         capture=capture,
         consistency=consistency,
         disk=disk,
+        verify=verifying,
+        keep_unverified=config.keep_unverified if keep_unverified is None else keep_unverified,
     )
 
 
@@ -190,11 +198,13 @@ class Job:
             params=request.index() | {"vm_uuid": None},
             chain=[],
             onerror=[],
-            timeout=t.stop + t.boot + t.prepare + t.shutdown,
+            timeout=t.stop + t.boot + t.prepare + t.shutdown + (t.verify if request.verify else 0),
         )
         self.record["request"] = request.to_json()
         self.engine = Engine(self.record, self.store, events=events, cancel=cancel, retry=retry or _retry(config))
         self.backend: Backend[Any] = backend_class(request.backend)(config, self.engine, request)
+        pending = "pending" if request.verify else "skipped" if self.backend.verification_available else "not-available"
+        self.record["verification"] = {"status": pending, "checks": [], "report": None, "duration_s": None}
         self.record["params"].update(self.backend.connection())  # shown, compared at recovery, never used
         self.plan: Plan | None = None
         self.chain: Chain | None = None  # built once, from the plan

@@ -99,6 +99,10 @@ class Guest:
             self.mkdir_p(wants_dir)
         self.rm_rf(PREFIX)
         self.mkdir_p(PREFIX, 0o700)
+        self.write_files(files)
+
+    def write_files(self, files: Sequence[GuestFile]) -> None:
+        """Write files and links in order (their directories exist)."""
         for f in files:
             if f.link:
                 self.symlink(f.link, f.path)

@@ -475,6 +475,30 @@ def _qemu_nbd_image_opts(disk: SourceDisk) -> str:
     return f"driver={disk.format},file.driver={driver},file.filename={disk.path},file.locking=off"
 
 
+def serve_readonly(files: ViewFiles, disk: SourceDisk, owner: tuple[int, int]) -> str:
+    """Serve ``disk`` read-only through ``qemu-nbd`` (as root: QEMU's user need not reach
+    the file) on its socket in ``files``; the NBD URI. ``cleanup`` stops it."""
+    sock, pidfile = files.disk_socket(disk.target), files.pidfile(disk.target)
+    run(
+        [
+            "qemu-nbd",
+            "--read-only",
+            "--persistent",
+            "--shared=0",  # libguestfs, the clone and the export each connect
+            "--fork",
+            f"--pid-file={pidfile}",
+            f"--socket={sock}",
+            f"--export-name={disk.target}",
+            "--cache=none" if disk.type == "block" else "--cache=writeback",
+            "--image-opts",
+            _qemu_nbd_image_opts(disk),
+        ],
+        timeout=QEMU_NBD_START_TIMEOUT,
+    )
+    os.chown(sock, *owner)  # the clone's QEMU connects as QEMU's user
+    return _nbd_uri(disk.target, sock)
+
+
 def capture_shutoff(dom: Any, files: ViewFiles, disks: list[SourceDisk], owner: tuple[int, int]) -> View:
     """Export each disk of the shut-off prototype read-only through ``qemu-nbd``."""
     if dom.isActive():
@@ -482,24 +506,7 @@ def capture_shutoff(dom: Any, files: ViewFiles, disks: list[SourceDisk], owner: 
     print_ = fingerprint(dom, disks)
     taken = time.time()
     for disk in disks:
-        sock, pidfile = files.disk_socket(disk.target), files.pidfile(disk.target)
-        run(
-            [
-                "qemu-nbd",
-                "--read-only",
-                "--persistent",
-                "--shared=0",  # libguestfs, the clone and the export each connect
-                "--fork",
-                f"--pid-file={pidfile}",
-                f"--socket={sock}",
-                f"--export-name={disk.target}",
-                "--cache=none" if disk.type == "block" else "--cache=writeback",
-                "--image-opts",
-                _qemu_nbd_image_opts(disk),
-            ],
-            timeout=QEMU_NBD_START_TIMEOUT,
-        )
-        os.chown(sock, *owner)  # the clone's QEMU connects as QEMU's user
+        serve_readonly(files, disk, owner)
     view = View("qemu-nbd", "shutoff", _view_disks(files, disks, True), taken, fingerprint=print_)
     check_unchanged(dom, view)  # started while the exports came up?
     return view

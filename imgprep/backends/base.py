@@ -29,11 +29,12 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 from imgprep import limits
 from imgprep.channel import GuestStatus
 from imgprep.config import Config
-from imgprep.errors import ImgprepError, PrepareFailed
+from imgprep.errors import ImgprepError, PrepareFailed, TransientError
 from imgprep.export import ExportResult
 from imgprep.manifest import build_manifest, default_version, rfc3339
 from imgprep.outputfiles import remove_workdirs, write_file
 from imgprep.sanitize import clean
+from imgprep.verify import VerificationFailed
 from imgprep.workflow import Chain, Engine, Step
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class CreateRequest:
     capture: str = "clone"  # libvirt: "clone" (a throwaway clone; the default) or "in-place"
     consistency: str = "auto"  # clone of a running VM: auto, freeze, stop or crash
     disk: str | None = None  # the disk to export (a target such as vdb); None: the root filesystem's
+    verify: bool = False  # boot the exported image once and check it (libvirt; docs/verification.md)
+    keep_unverified: bool = False  # a failed verification keeps the image file (the job still fails)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -97,6 +100,8 @@ class CreateRequest:
             "capture": self.capture,
             "consistency": self.consistency,
             "disk": self.disk,
+            "verify": self.verify,
+            "keep_unverified": self.keep_unverified,
         }
 
 
@@ -152,6 +157,7 @@ class Backend(abc.ABC, Generic[S]):
     default_compression: ClassVar[str] = "zstd"
     poll_interval: ClassVar[float] = 1.0
     needs_host: ClassVar[bool] = False  # the request must name a host (--host)
+    verification_available: ClassVar[bool] = False  # can boot its exported image once (verify)
     state_type: type[S]
 
     def __init__(self, config: Config, engine: Engine, request: CreateRequest) -> None:
@@ -231,9 +237,11 @@ class Backend(abc.ABC, Generic[S]):
                 Step("wait_result", self.wait_result),
                 Step("wait_shutoff", self.wait_shutoff),
                 Step("export", self._export_step),
+                Step("verify", self._verify_step),  # boot the image once (or record why not)
                 Step("write_manifest", self.write_manifest),
             ],
-            always=self.release_steps(),  # e.g. restore_disks, delete_checkpoint, restart_vm
+            # the verification boot's cleanup, then e.g. restore_disks, delete_checkpoint, restart_vm
+            always=[*self.verify_release_steps(), *self.release_steps()],
             onerror=[Step("discard_output", self.discard_output)],
         )
 
@@ -248,6 +256,51 @@ class Backend(abc.ABC, Generic[S]):
             Step("delete_checkpoint", self.delete_checkpoint),
             Step("restart_vm", self.restart_vm),
         ]
+
+    def verify_release_steps(self) -> list[Step]:
+        """The always steps that clean up after the verification boot (none without one)."""
+        return []
+
+    def _verify_step(self) -> None:
+        """Boot the exported image once (``verify``) and judge it; or record why not.
+
+        A failed verification fails the job (VerificationFailed, or the error of the boot
+        itself); onerror then discards the image, unless ``keep_unverified``."""
+        if not self.request.verify:
+            status = "skipped" if self.verification_available else "not-available"
+            self.record["verification"] = {"status": status, "checks": [], "report": None, "duration_s": None}
+            return
+        t0 = time.monotonic()
+        verification: dict[str, Any] = {"status": "running", "checks": [], "report": None, "duration_s": None}
+        self.record["verification"] = verification
+        self.persist()
+        try:
+            verification.update(self.verify())
+        except BaseException as exc:  # a crash, a cancel too: the record must not say "running"
+            if isinstance(exc, VerificationFailed):
+                verification.update(exc.result)
+            verification["status"] = "failed"
+            verification["error"] = (
+                exc.as_dict()
+                if isinstance(exc, ImgprepError)
+                else {"code": "InternalError", "message": f"{type(exc).__name__}: {exc}"}
+            )
+            if isinstance(exc, TransientError):  # one boot per job: never retried
+                raise ImgprepError(exc.message, code="VerificationFailed") from None
+            raise
+        finally:
+            verification["duration_s"] = round(time.monotonic() - t0, 1)
+            if verification["status"] == "failed":
+                kept = self.request.keep_unverified and self.state.export is not None
+                verification["image"] = (
+                    f"kept unverified: {self.state.export['path']}" if kept and self.state.export else "discarded"
+                )
+            self.persist()
+
+    def verify(self) -> dict[str, Any]:
+        """The verification boot: ``status`` (passed), ``checks``, ``report``; raises
+        VerificationFailed. Only backends with ``verification_available`` implement it."""
+        raise NotImplementedError
 
     def adopt(self, plan: Plan) -> None:
         """The validate step: record the plan made (under the lock) before the chain started."""
@@ -327,7 +380,11 @@ class Backend(abc.ABC, Generic[S]):
         out = self.request.output_dir
         image_uuid = self.request.image_uuid
         remove_workdirs(out, image_uuid)
+        kept = self.record.get("verification", {}).get("image", "")
         for leftover in [*out.glob(f".{image_uuid}*.partial"), *out.glob(f"{image_uuid}.*")]:
+            if kept.startswith("kept unverified: ") and str(leftover) == kept.removeprefix("kept unverified: "):
+                log.warning("keeping the unverified image %s (keep_unverified)", leftover)
+                continue
             leftover.unlink(missing_ok=True)
 
     # --- the guest wait (shared) ---------------------------------------------------

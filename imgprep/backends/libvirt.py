@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import libvirt
 
-from imgprep import artifacts
+from imgprep import artifacts, identities
 from imgprep import pointintime as pit
 from imgprep.backends.base import Backend, JobState, StopTimeout, VmFacts
 from imgprep.channel import ChannelParser, GuestStatus
@@ -52,6 +52,8 @@ from imgprep.leftovers import check_clean
 from imgprep.libguestfs import Guest, open_guest, selinux_label
 from imgprep.run import run
 from imgprep.scratchguard import MiB, view_room_problem
+from imgprep.verify import VerificationFailed, decide, failure_message, parse_report
+from imgprep.verifyboot import VerifyBoot, VerifyState
 from imgprep.workflow import Engine, Step
 
 log = logging.getLogger(__name__)
@@ -190,6 +192,9 @@ class LibvirtState(JobState):
     guest_os: dict[str, str] | None = None
     channel_bytes: int = 0  # what the guest wrote on its channel during the prepare boot
     selinux_file_contexts: str | None = None  # the guest's file_contexts the injection was labelled with
+    # sha256 of each identity file of the prototype (identities.py), read during inject
+    prototype_identities: dict[str, list[str]] | None = None
+    verify: VerifyState = dataclasses.field(default_factory=VerifyState)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
@@ -199,9 +204,11 @@ class LibvirtState(JobState):
             if key in data:
                 in_place.setdefault(key, data.pop(key))
         clone = dict(data.pop("clone", None) or {})
+        verify = dict(data.pop("verify", None) or {})
         state = super().from_json(data)
         state.in_place = InPlaceState(**in_place)
         state.clone = CloneState(**clone)
+        state.verify = VerifyState(**verify)
         return state
 
 
@@ -244,6 +251,7 @@ class LibvirtBackend(Backend[LibvirtState]):
     name = "libvirt"
     default_script = "operator_scripts/linux-prepare-image"
     state_type = LibvirtState
+    verification_available = True
 
     def __init__(self, config: Config, engine: Engine, request: Any) -> None:
         super().__init__(config, engine, request)
@@ -253,6 +261,7 @@ class LibvirtBackend(Backend[LibvirtState]):
         self._conn: Any = None
         self._parser = ChannelParser()  # what the guest reported during the prepare boot
         self._channel: SocketChannel | None = None  # our end of the guest's serial port
+        self._verify_boot: VerifyBoot | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -287,6 +296,9 @@ class LibvirtBackend(Backend[LibvirtState]):
 
     def capture_steps(self) -> list[Step]:
         return self.capture.create_steps()
+
+    def verify_release_steps(self) -> list[Step]:
+        return [Step("discard_verify", self.discard_verify)]
 
     def release_steps(self) -> list[Step]:
         return self.capture.always_steps()
@@ -484,6 +496,9 @@ class LibvirtBackend(Backend[LibvirtState]):
                 "product": guest.inspect("product_name"),
             }
             self._choose_root(guest)
+            # the prototype's identities, before its cleanup runs (hashes only): the
+            # verification boot checks that each one present in the image is new
+            self.state.prototype_identities = identities.hash_guest(guest.g)
             wants_dir_exists = guest.is_dir(wants_dir)
             files = artifacts.linux_injection(
                 mode=mode,
@@ -579,6 +594,12 @@ class LibvirtBackend(Backend[LibvirtState]):
                 last[0] = int(pct)
                 self.emit({"event": "progress", "step": "export", "percent": round(pct, 1)})
 
+        # gzip/xz: the raw file compressed and hashed in the same pass is what the
+        # verification boots, so it is kept (in the verification directory)
+        keep_raw = None
+        if self.request.verify and self.request.compression in ("gzip", "xz"):
+            keep_raw = self.verify_boot.kept_raw(self.request.image_uuid)
+            keep_raw.unlink(missing_ok=True)  # a retried export writes it anew
         t0 = time.monotonic()
         result = export_disk(
             boot_path,
@@ -588,11 +609,83 @@ class LibvirtBackend(Backend[LibvirtState]):
             self.request.compression,
             progress=progress,
             cancel=self.engine.cancel,
+            keep_raw=keep_raw,
         )
         self.engine.cancel.check()
         self.state.export_seconds = round(time.monotonic() - t0, 3)
         self.capture.check()  # the view was a point in time for the whole export
         return result
+
+    # --- verify ---------------------------------------------------------------------
+
+    @property
+    def verify_boot(self) -> VerifyBoot:
+        if self._verify_boot is None:
+            self._verify_boot = VerifyBoot(
+                conn=self._connect,
+                job_uuid=self.record["uuid"],
+                vm_uuid=self.state.vm_uuid,
+                view_root=self.config.view_dir,
+                state=self.state.verify,
+                persist=self.persist,
+                force_tcg=self.config.libguestfs_tcg,
+                cancel=self.engine.cancel,
+            )
+        return self._verify_boot
+
+    def verify(self) -> dict[str, Any]:
+        """Boot the exported image once (verifyboot.py) and judge its report (verify.py)."""
+        if self.state.export is None:
+            raise ImgprepError("verify: nothing was exported")
+        boot = self.verify_boot
+        path = Path(self.state.export["path"])
+        if self.request.compression in ("gzip", "xz"):
+            source, fmt = boot.kept_raw(self.request.image_uuid), "raw"
+        else:
+            source, fmt = path, "qcow2"
+        if not source.exists():
+            raise VerificationFailed(f"verify: the exported bytes {source} are gone")
+        persistent = self._call(
+            "read the definition",
+            lambda: self._domain().XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE),
+        )
+        element, port = channel_element(persistent, boot.channel_path)
+        timeout = self.config.timeouts.verify
+        try:
+            overlay = boot.overlay(source, fmt)
+            boot.inject(overlay, port, settle_timeout=int(max(30.0, min(300.0, timeout / 2))))
+            xml, removed = boot.domain_xml(persistent, self.capture.targets()[0], overlay, element)
+            self.engine.cancel.check()
+            boot.boot(xml)
+            text = boot.wait_report(timeout)
+        except libvirt.libvirtError as exc:
+            raise ImgprepError(f"the verification boot: {exc}", code="VerificationFailed") from None
+        report = parse_report(text)
+        checks = decide(report, self.state.prototype_identities or {})
+        result = {
+            "status": "passed" if all(c.passed for c in checks) else "failed",
+            "checks": [c.as_json() for c in checks],
+            "report": report.as_json(),
+            "booted": boot.state.booted,
+            "domain": boot.state.domain,
+            "removed": removed,
+            "cloud_init_seed": boot.state.cloud_init_seed,
+            "masked": list(boot.state.masked),
+        }
+        if result["status"] == "failed":
+            result["console_tail"] = boot.console_tail()
+            raise VerificationFailed(failure_message(checks), result=result)
+        return result
+
+    def discard_verify(self) -> None:
+        """Always: the verification boot's domain, qemu-nbd, overlay and kept raw file go."""
+        try:
+            self.verify_boot.discard()
+        except libvirt.libvirtError as exc:
+            if _is_transient(exc):
+                self._conn = None
+                raise TransientError(f"discard the verification boot: {exc}") from None
+            raise ImgprepError(f"discard the verification boot: {exc}", code="LibvirtError") from None
 
 
 class InPlaceCapture:

@@ -260,14 +260,25 @@ class CliResult:
         return self.events[-1]
 
 
+def no_verify(args: tuple[str, ...] | list[str], verify: bool) -> list[str]:
+    """``imgprep create`` arguments with ``--no-verify`` added unless ``verify``: the
+    verification boot (on by default for users) costs minutes, so only the tests about
+    it (and the main clone test) opt in, with ``verify=True``."""
+    args = list(args)
+    if args[:1] == ["create"] and not verify and "--verify" not in args and "--no-verify" not in args:
+        args.append("--no-verify")
+    return args
+
+
 @pytest.fixture
 def imgprep(state_dir: Path) -> Any:
-    """Run the real ``imgprep`` command (a subprocess, as a user would)."""
+    """Run the real ``imgprep`` command (a subprocess, as a user would). ``create`` runs
+    with ``--no-verify`` unless the test passes ``verify=True`` (see ``no_verify``)."""
 
-    def run(*args: str, timeout: float = 900) -> CliResult:
+    def run(*args: str, timeout: float = 900, verify: bool = False) -> CliResult:
         env = {**os.environ, "IMGPREP_STATE_DIR": str(state_dir)}
         proc = subprocess.run(
-            [sys.executable, "-m", "imgprep", *args],
+            [sys.executable, "-m", "imgprep", *no_verify(args, verify)],
             capture_output=True,
             text=True,
             env=env,

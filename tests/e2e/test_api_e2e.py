@@ -88,6 +88,7 @@ def test_imgapi_client_creates_an_image_through_imgprep_serve(
             {
                 "libvirt_uri": libvirt_uri,
                 "libguestfs_tcg": True,
+                "verify": False,  # not this test's subject (tests/e2e/test_verify.py is)
                 "timeouts": {"boot": 300, "prepare": 180, "shutdown": 120, "stop": 180},
                 "serve": {"workers": 1, "image_dir": str(output_dir)},
             }

@@ -1,6 +1,7 @@
-"""The fast power-off leaves clean filesystems: a clone of the exported image boots with
-no journal replay. Control: the same image, powered off hard while it runs, does
-replay its journal on the next boot (so the console would show it if it happened).
+"""The fast power-off leaves clean filesystems: the exported image's first boot (the
+verification boot, which reads the kernel log and the fsck units) needs no journal
+replay. Control: the same image, booted and powered off hard while it runs, does
+replay its journal on the next boot, in the words the verification looks for.
 
 ext4 sets its needs-recovery flag while mounted read-write and clears it when
 unmounted or remounted read-only; on a mount that finds the flag set it replays the
@@ -38,14 +39,22 @@ def test_exported_image_needs_no_journal_recovery(
     prototype: Prototype, make_prototype: Callable[..., Prototype], imgprep: Any, output_dir: Path
 ) -> None:
     prototype.start()
-    result = imgprep("create", "--vm", prototype.uuid, "--output-dir", str(output_dir), "--json", *TIMEOUTS)
+    result = imgprep(
+        "create", "--vm", prototype.uuid, "--output-dir", str(output_dir), "--json", *TIMEOUTS, verify=True
+    )
     assert result.returncode == 0, result.stderr
     summary = result.summary
     assert summary["boot_report"]["poweroff"] == "fast"  # the path under test was taken
+    verification = summary["verification"]
+    assert verification["status"] == "passed", verification
+    (filesystems,) = [c for c in verification["checks"] if c["name"] == "filesystems"]
+    assert filesystems["status"] == "passed", filesystems
+    assert verification["report"]["kernel_fs"] == []
+    assert verification["report"]["fsck_log"] == []
 
     clone = make_prototype()
     shutil.copyfile(summary["file"], clone.disk)
-    first = boot_text(clone, "login:")  # the whole boot: a replay, or an fsck, would show
+    first = boot_text(clone, "login:")
     assert ROOT_MOUNTED in first  # the console shows the root filesystem's mount messages
     assert not [m for m in REPLAYED if m in first], first[-4000:]
 

@@ -10,6 +10,7 @@ holding the counter file as of the point in time, cleaned.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import subprocess
 import threading
@@ -38,20 +39,20 @@ pytestmark = pytest.mark.e2e
 
 
 def leftovers(conn: Any, job_uuid: str, proto: Prototype) -> list[str]:
-    """Anything a clone job may leave: its clone, a backup job on the prototype, the
-    view directory or a process using it."""
+    """Anything a clone job may leave: its clone or verification domain, a backup job on
+    the prototype, the view or verification directory, or a process using them."""
     found = [d.name() for d in conn.listAllDomains() if d.name().startswith(f"imgprep-{job_uuid[:8]}")]
     if proto.is_running():
         with contextlib.suppress(libvirt.libvirtError):  # no job: "no domain backup job"
             found.append(f"backup job {proto.dom.backupGetXMLDesc(0)[:80]}")
     views = Config().view_dir / job_uuid
-    if views.exists():
-        found.append(str(views))
-    if (pit.SOCKET_ROOT / job_uuid).exists():
-        found.append(str(pit.SOCKET_ROOT / job_uuid))
+    for path in (views, pit.SOCKET_ROOT / job_uuid):
+        for where in (path, path.with_name(f"{job_uuid}.verify")):  # the clone's, the verification's
+            if where.exists():
+                found.append(str(where))
     for proc in Path("/proc").iterdir():  # (a qemu-nbd serving the view)
         with contextlib.suppress(OSError):
-            if proc.name.isdigit() and str(views).encode() in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and str(views).encode() in (proc / "cmdline").read_bytes():  # (.verify too)
                 found.append(f"process {proc.name}")
     return found
 
@@ -62,15 +63,21 @@ def image_counter(image: Path) -> bytes:
 
 
 def test_clone_of_running_prototype_with_agent(prototype: Prototype, imgprep: Any, output_dir: Path) -> None:
-    """The default: freeze through the agent; the prototype never stops."""
+    """The default: freeze through the agent; the prototype never stops; the image is
+    verified by booting it once (the default for users; here explicitly)."""
     prototype.start()
     wait_for("the agent", lambda: pit.agent_answers(prototype.dom))
     wait_for("the writer", lambda: counter_lines(prototype.dom) >= 10)
     dom_id = prototype.dom.ID()
     definition_before = prototype.persistent_xml()
+    proto_machine_id = agent_read_file(prototype.dom, "/etc/machine-id").decode().strip()
+    proto_host_key = hashlib.sha256(agent_read_file(prototype.dom, "/etc/ssh/ssh_host_ed25519_key.pub")).hexdigest()
 
-    result = imgprep("create", "--vm", prototype.name, "--output-dir", str(output_dir), "--json", *TIMEOUTS)
+    result = imgprep(
+        "create", "--vm", prototype.name, "--output-dir", str(output_dir), "--json", *TIMEOUTS, verify=True
+    )
     job_end = time.time()
+    print("verification", json.dumps(result.summary.get("verification"), indent=1))
 
     assert result.returncode == 0, result.stderr
     summary = result.summary
@@ -110,11 +117,36 @@ def test_clone_of_running_prototype_with_agent(prototype: Prototype, imgprep: An
     assert facts["redis_files"] == []
     assert facts["traces"] == []
 
+    # The verification boot of the image: a first boot with new identities, nothing
+    # failed, clean filesystems. Its application daemon (the counter writer) started
+    # there -- the control for "no daemon state in the image": the image's counter file
+    # is the point-in-time prefix above, not what the verification boot wrote on.
+    verification = summary["verification"]
+    assert verification["status"] == "passed", verification
+    assert {c["name"]: c["status"] for c in verification["checks"]} == dict.fromkeys(
+        ("report", "boot", "failed-units", "machine-id", "ssh-host-keys", "identities", "filesystems"), "passed"
+    )
+    report = verification["report"]
+    assert report["machine_id"]
+    assert report["machine_id"] != proto_machine_id
+    assert report["machine_id_mounted"] is False
+    assert report["ssh_host_keys"], "the first boot made SSH host keys"
+    new_keys = [f["sha256"] for f in report["identities"]["ssh-host-keys"]]
+    assert new_keys
+    assert proto_host_key not in new_keys
+    assert report["failed"] == []
+    assert report["kernel_fs"] == []
+    assert report["fsck_log"] == []
+    assert "imgprep-test-writer.service" in report["services"]
+    assert "ssh.service" in report["services"]
+    assert verification["domain"] == f"imgprep-{summary['job_uuid'][:8]}-verify"
+
     # Nothing of the job remains; the record names the clone's steps.
     assert leftovers(prototype.conn, summary["job_uuid"], prototype) == []
     record = json.loads(imgprep("jobs", "get", summary["job_uuid"]).stdout)
     assert [c["name"] for c in record["chain"]][1:3] == ["capture", "overlays"]
-    assert [s["name"] for s in record["always"]] == ["discard_clone"]
+    assert [s["name"] for s in record["always"]] == ["discard_verify", "discard_clone"]
+    assert record["verification"] == verification
     assert all(r["error"] is None for r in record["chain_results"] + record["always_results"])
     assert record["state"]["clone"]["root_target"] == "vda"
     assert record["needs_recovery"] is False

@@ -30,7 +30,7 @@ from imgprep import artifacts
 from imgprep import pointintime as pit
 from imgprep.config import Config
 from imgprep.jobs import chain_names
-from tests.e2e.conftest import REPO, CliResult, Prototype
+from tests.e2e.conftest import REPO, CliResult, Prototype, no_verify
 from tests.e2e.test_create import TIMEOUTS, inspect_disk
 
 pytestmark = pytest.mark.e2e
@@ -123,8 +123,9 @@ class RunningJob:
 def start_job(state_dir: Path) -> Iterator[Callable[..., RunningJob]]:
     jobs: list[RunningJob] = []
 
-    def start(*args: str) -> RunningJob:
-        job = RunningJob(list(args), state_dir)
+    def start(*args: str, verify: bool = False) -> RunningJob:
+        """``--no-verify`` unless ``verify`` (conftest.no_verify)."""
+        job = RunningJob(no_verify(["create", *args], verify)[1:], state_dir)
         jobs.append(job)
         return job
 
@@ -173,12 +174,15 @@ def wait_agent(proto: Prototype) -> None:
 
 
 def clone_leftovers(proto: Prototype, job_uuid: str) -> list[str]:
-    """The clone domain, a backup job on the prototype, the view directory."""
+    """The clone and verification domains, a backup job on the prototype, the view and
+    verification directories."""
     found = [d.name() for d in proto.conn.listAllDomains() if d.name().startswith(f"imgprep-{job_uuid[:8]}")]
     if proto.is_running():
         with contextlib.suppress(libvirt.libvirtError):  # no job: an error
             found.append(f"backup job {proto.dom.backupGetXMLDesc(0)[:80]}")
-    return found + [str(p) for p in (Config().view_dir / job_uuid, pit.SOCKET_ROOT / job_uuid) if p.exists()]
+    views = [Config().view_dir / job_uuid, pit.SOCKET_ROOT / job_uuid]
+    views += [Config().view_dir / f"{job_uuid}.verify", pit.SOCKET_ROOT / f"{job_uuid}.verify"]  # verifyboot.py
+    return found + [str(p) for p in views if p.exists()]
 
 
 def job_record(imgprep: Any, job_uuid: str) -> dict[str, Any]:
@@ -213,7 +217,11 @@ def test_sigkill_during_step_then_recover(
     definition = proto.persistent_xml()
     dom_id = proto.dom.ID() if running else None
 
-    job = start_job("--vm", proto.uuid, "--capture", capture, "--output-dir", str(output_dir), *TIMEOUTS)
+    # the verification boot runs (minutes) only for the steps about it
+    job = start_job(
+        "--vm", proto.uuid, "--capture", capture, "--output-dir", str(output_dir), *TIMEOUTS,
+        verify=step in ("verify", "discard_verify"),
+    )  # fmt: skip
     job.wait_step(step, chain=chain)
     job.proc.send_signal(signal.SIGKILL)
     assert job.finish().returncode == -signal.SIGKILL

@@ -58,10 +58,11 @@ def test_each_capture_has_its_own_chain() -> None:
     clone = chain_names(Config(), "libvirt", "clone")
     in_place = chain_names(Config(), "libvirt", "in-place")
     assert clone["create"][:3] == ["validate", "capture", "overlays"]
-    assert clone["always"] == ["discard_clone"]
+    assert clone["always"] == ["discard_verify", "discard_clone"]
     assert in_place["create"][:3] == ["validate", "stop_vm", "checkpoint"]
-    assert in_place["always"] == ["restore_disks", "delete_checkpoint", "restart_vm"]
+    assert in_place["always"] == ["discard_verify", "restore_disks", "delete_checkpoint", "restart_vm"]
     assert clone["create"][3:] == in_place["create"][3:]  # inject .. write_manifest shared
+    assert clone["create"][-3:] == ["export", "verify", "write_manifest"]
 
 
 def test_the_capture_line_names_the_cost() -> None:

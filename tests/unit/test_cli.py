@@ -29,12 +29,14 @@ class Touched(AssertionError):
 
 
 class ForbiddenBackend:
-    """Looking the class up is fine (build_request reads ``default_script``, ``default_compression``
-    and ``needs_host``); creating one means the CLI went past input validation."""
+    """Looking the class up is fine (build_request reads ``default_script``, ``default_compression``,
+    ``needs_host`` and ``verification_available``); creating one means the CLI went past input
+    validation."""
 
     default_script: ClassVar[str] = "operator_scripts/linux-prepare-image"
     default_compression: ClassVar[str] = "zstd"
     needs_host: ClassVar[bool] = False
+    verification_available: ClassVar[bool] = True
 
     def __init__(self, *_args: Any, **_kwargs: Any) -> None:
         raise Touched("a backend was instantiated for invalid input")

@@ -195,7 +195,7 @@ def test_all_errors_reported_at_once_with_file_line_and_key(tmp_path: Path) -> N
         f"{p}:4: retry_attempts: must be an integer >= 1, got 0",
         f"{p}:5: retry_max_seconds: must be a positive number of seconds, got -1",
         f"{p}:7: timeouts.boot: must be a positive number of seconds, got 'soon'",
-        f"{p}:8: timeouts.warp: unknown key (known: agent, boot, prepare, shutdown, stop)",
+        f"{p}:8: timeouts.warp: unknown key (known: agent, boot, prepare, shutdown, stop, verify)",
         f"{p}:12: hosts.cn1.port: must be an integer >= 1, got True",
         f"{p}:13: hosts.cn1.colour: unknown key",
         f"{p}:11: hosts.cn1.host: is required",

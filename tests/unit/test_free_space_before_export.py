@@ -65,7 +65,7 @@ def backend(disk: Path, output_dir: Path, compression: str) -> LibvirtBackend:
     b = LibvirtBackend.__new__(LibvirtBackend)
     b.capture = types.SimpleNamespace(disks=lambda: [(disk, "qcow2")], check=lambda: None)  # type: ignore[assignment]
     b.request = types.SimpleNamespace(  # type: ignore[assignment]
-        output_dir=output_dir, compression=compression, image_uuid=IMAGE_UUID
+        output_dir=output_dir, compression=compression, image_uuid=IMAGE_UUID, verify=False
     )
     b.config = types.SimpleNamespace(libguestfs_tcg=True)  # type: ignore[assignment]
     b.engine = types.SimpleNamespace(cancel=types.SimpleNamespace(check=lambda: None))  # type: ignore[assignment]

@@ -96,7 +96,12 @@ def test_a_v1_libvirt_record_is_read_typed_and_recovered(tmp_path: Path, test_do
     assert recovered["vm_restored"] is True
     assert recovered["execution"] == "failed"
     assert recovered["error"]["code"] == "Interrupted"
-    assert [r["name"] for r in recovered["always_results"]] == ["restore_disks", "delete_checkpoint", "restart_vm"]
+    assert [r["name"] for r in recovered["always_results"]] == [
+        "discard_verify",
+        "restore_disks",
+        "delete_checkpoint",
+        "restart_vm",
+    ]
     assert all(r["error"] is None for r in recovered["always_results"])
     assert [r["name"] for r in recovered["onerror_results"]] == ["discard_output"]  # the image was not finished
     assert test_domain.snapshotListNames() == []
