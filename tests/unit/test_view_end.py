@@ -37,7 +37,7 @@ def backend(capture: Capture, tmp_path: Path) -> LibvirtBackend:
     b = LibvirtBackend.__new__(LibvirtBackend)
     b.capture = capture  # type: ignore[assignment]
     b.request = types.SimpleNamespace(  # type: ignore[assignment]
-        output_dir=tmp_path, compression="zstd", image_uuid="5f1b7d1e-3c1a-4b7a-9a57-1a2b3c4d5e6f"
+        output_dir=tmp_path, compression="zstd", image_uuid="5f1b7d1e-3c1a-4b7a-9a57-1a2b3c4d5e6f", verify=False
     )
     b.config = types.SimpleNamespace(libguestfs_tcg=True)  # type: ignore[assignment]
     b.engine = types.SimpleNamespace(cancel=types.SimpleNamespace(check=lambda: None))  # type: ignore[assignment]
