@@ -155,10 +155,17 @@ def _root() -> Path:
 
 def build_tree() -> Path:
     """The debootstrapped tree with the extra packages, customised like the test guest,
-    packed as a tarball with xattrs (cached)."""
+    packed as a tarball with xattrs (cached; parallel builders wait for the first)."""
     target = _root() / f"tree-{tree_key()}.tar"
     if target.exists():
         return target
+    with guestimage.cache_lock("layouts-tree"):
+        return _build_tree(target)
+
+
+def _build_tree(target: Path) -> Path:
+    if target.exists():
+        return target  # built meanwhile by another process
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tree-", dir=target.parent))
     try:
@@ -383,6 +390,13 @@ def build(name: str, force: bool = False) -> Layout:
     layout = Layout(name, _root() / f"{name}-{key}")
     if (layout.directory / "done.json").exists() and not force:
         return layout
+    with guestimage.cache_lock(f"layout-{name}"):
+        if (layout.directory / "done.json").exists() and not force:
+            return layout  # built meanwhile by another process
+        return _build(name, layout)
+
+
+def _build(name: str, layout: Layout) -> Layout:
     tree = build_tree()
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_root()))
     try:
@@ -397,7 +411,7 @@ def build(name: str, force: bool = False) -> Layout:
             g.close()
         disk.chmod(0o644)
         work.chmod(0o755)
-        (work / "done.json").write_text(json.dumps({"layout": name, "key": key, "firmware": firmware}))
+        (work / "done.json").write_text(json.dumps({"layout": name, "key": layout_key(name), "firmware": firmware}))
         if layout.directory.exists():
             shutil.rmtree(layout.directory)
         work.rename(layout.directory)

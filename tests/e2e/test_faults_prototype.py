@@ -145,6 +145,7 @@ def restart_libvirtd() -> None:
             time.sleep(0.5)
 
 
+@pytest.mark.serial  # restarts the host's libvirtd under every other test
 def test_libvirtd_restarted_mid_job_on_a_running_prototype(
     prototype: Prototype,
     start_job: Callable[..., RunningJob],  # noqa: F811 - the fixture
