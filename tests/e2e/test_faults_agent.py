@@ -39,6 +39,7 @@ from imgprep.libguestfs import open_guest
 from tests.e2e.conftest import Prototype
 from tests.e2e.test_clone import leftovers
 from tests.e2e.test_create import TIMEOUTS
+from tests.e2e.test_faults import NAMES
 from tests.e2e.test_pointintime import counter_lines, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -274,7 +275,7 @@ def test_freeze_that_fails_fails_the_job_and_leaves_the_prototype_thawed(
     record = job_record(imgprep, summary["job_uuid"])
     assert record["state"]["clone"]["consistency"] == "freeze"
     assert record["state"]["clone"]["view"] is None
-    assert [r["name"] for r in record["always_results"]] == ["discard_clone"]
+    assert [r["name"] for r in record["always_results"]] == NAMES["clone"]["always"]
     assert all(r["error"] is None for r in record["always_results"])
     assert record["needs_recovery"] is False
     assert list(output_dir.iterdir()) == []

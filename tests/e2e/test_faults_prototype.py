@@ -30,7 +30,7 @@ from imgprep import pointintime as pit
 from tests.e2e.conftest import LIBVIRT_URI, VM_ROOT, Prototype
 from tests.e2e.test_clone import LifecycleEvents, leftovers, lifecycle  # noqa: F401 - lifecycle is a fixture
 from tests.e2e.test_create import TIMEOUTS, inspect_disk
-from tests.e2e.test_faults import RunningJob, job_record, start_job, wait_agent  # noqa: F401 - start_job: fixture
+from tests.e2e.test_faults import NAMES, RunningJob, job_record, start_job, wait_agent  # noqa: F401 - start_job: fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +76,7 @@ def assert_failed_cleanly(imgprep: Any, job_uuid: str, proto: Prototype, output_
     record = job_record(imgprep, job_uuid)
     assert record["execution"] == "failed"
     assert record["needs_recovery"] is False
-    assert [r["name"] for r in record["always_results"]] == ["discard_clone"]
+    assert [r["name"] for r in record["always_results"]] == NAMES["clone"]["always"]
     assert all(r["error"] is None for r in record["always_results"] + record["onerror_results"])
     assert list(output_dir.iterdir()) == [], "a failed job leaves no image behind"
     assert leftovers(proto.conn, job_uuid, proto) == []
