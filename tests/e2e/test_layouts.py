@@ -160,6 +160,9 @@ def _assert_clean(image: Path, *, cloud_init: bool) -> None:
 
 def _create_and_check(proto: Prototype, imgprep: Any, output_dir: Path, *, cloud_init: bool) -> dict[str, Any]:
     proto.start(LOGIN)
+    # a running prototype with an agent channel is frozen through its agent: wait until
+    # it answers (clone mode refuses a silent agent rather than stopping the prototype)
+    wait_for("the agent", lambda: pit.agent_answers(proto.dom))
     assert DEMO_STARTED not in proto.console_text(), "the prototype's first boot must not start the daemons"
     definition_before = proto.persistent_xml()
 
