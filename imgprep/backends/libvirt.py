@@ -317,15 +317,20 @@ class LibvirtBackend(Backend[LibvirtState]):
             raise TransientError(f"cannot connect to libvirt at {self.config.libvirt_uri}: {exc}") from None
         return self._conn
 
+    def _libvirt_error(self, what: str, exc: libvirt.libvirtError) -> ImgprepError:
+        """The error for a failed libvirt call: transient (the connection is dropped, so the
+        retried step reconnects) or final."""
+        if _is_transient(exc):
+            self._conn = None
+            return TransientError(f"{what}: {exc}")
+        return ImgprepError(f"{what}: {exc}", code="LibvirtError")
+
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Call libvirt; a dropped connection becomes TransientError (the step is retried)."""
         try:
             return fn()
         except libvirt.libvirtError as exc:
-            if _is_transient(exc):
-                self._conn = None
-                raise TransientError(f"{what}: {exc}") from None
-            raise ImgprepError(f"{what}: {exc}", code="LibvirtError") from None
+            raise self._libvirt_error(what, exc) from None
 
     def _domain(self) -> Any:
         conn = self._connect()
@@ -532,10 +537,7 @@ class LibvirtBackend(Backend[LibvirtState]):
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return False
-            if _is_transient(exc):
-                self._conn = None
-                raise TransientError(f"query state: {exc}") from None
-            raise ImgprepError(f"query state: {exc}", code="LibvirtError") from None
+            raise self._libvirt_error("query state", exc) from None
 
     @_reports_view_end
     def boot_prepare(self) -> None:
@@ -682,10 +684,7 @@ class LibvirtBackend(Backend[LibvirtState]):
         try:
             self.verify_boot.discard()
         except libvirt.libvirtError as exc:
-            if _is_transient(exc):
-                self._conn = None
-                raise TransientError(f"discard the verification boot: {exc}") from None
-            raise ImgprepError(f"discard the verification boot: {exc}", code="LibvirtError") from None
+            raise self._libvirt_error("discard the verification boot", exc) from None
 
 
 class InPlaceCapture:
@@ -948,10 +947,7 @@ class CloneCapture:
                     thaw_failed = exc  # loud, but the view is discarded first
             self.view.discard()
         except libvirt.libvirtError as exc:
-            if _is_transient(exc):
-                b._conn = None
-                raise TransientError(f"discard the clone: {exc}") from None
-            raise ImgprepError(f"discard the clone: {exc}", code="LibvirtError") from None
+            raise b._libvirt_error("discard the clone", exc) from None
         b._channel_path().unlink(missing_ok=True)
         if thaw_failed is not None:
             raise thaw_failed
@@ -980,10 +976,8 @@ class CloneCapture:
         try:
             self.view.check_view()
         except libvirt.libvirtError as exc:
-            if _is_transient(exc):  # libvirtd restarting: the view may be intact, ask again
-                self.backend._conn = None
-                raise TransientError(f"check the prototype: {exc}") from None
-            raise ImgprepError(f"check the prototype: {exc}", code="LibvirtError") from None
+            # libvirtd restarting: the view may be intact, ask again
+            raise self.backend._libvirt_error("check the prototype", exc) from None
 
     def boot_xml(self, channel: ET.Element) -> str:
         return self.view.boot_xml(channel)
@@ -997,10 +991,7 @@ class CloneCapture:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None  # not started yet, or powered off (a transient domain is gone then)
-            if _is_transient(exc):
-                self.backend._conn = None
-                raise TransientError(f"look up the clone: {exc}") from None
-            raise ImgprepError(f"look up the clone: {exc}", code="LibvirtError") from None
+            raise self.backend._libvirt_error("look up the clone", exc) from None
 
     def report(self) -> dict[str, Any]:
         st = self.backend.state.clone
