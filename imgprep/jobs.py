@@ -320,6 +320,11 @@ def _mark_interrupted(record: Record, note: str = "") -> None:
         "code": "Interrupted",
         "message": f"imgprep stopped during step {last}{note}",
     }
+    verification = record.get("verification")
+    if isinstance(verification, dict) and verification.get("status") in ("pending", "running"):
+        # the image was never verified (and onerror discards it): say so, not "pending"
+        verification["status"] = "failed"
+        verification["error"] = {"code": "Interrupted", "message": f"imgprep stopped during step {last}"}
 
 
 def recover(

@@ -247,6 +247,7 @@ def test_sigkill_during_step_then_recover(
     stopped_in = re.search(r"during step (\w+)", record["error"]["message"]).group(1)  # type: ignore[union-attr]
     assert ORDER[capture].index(stopped_in) >= ORDER[capture].index(step)
     assert record["needs_recovery"] is False
+    assert record["verification"]["status"] != "running"  # an interrupted verification says so
     assert all(r["error"] is None for r in record["onerror_results"] + record["always_results"])
     always = NAMES[capture]["always"]
     if touched:  # killed before it touched anything, a job has nothing to clean up

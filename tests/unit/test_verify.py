@@ -427,3 +427,19 @@ def test_control_a_passed_verification_publishes(tmp_path: Path, monkeypatch: py
     code, summary, err = run_fake_job(tmp_path, monkeypatch, None, "--no-verify")
     assert code == 0, err
     assert summary["verification"]["status"] == "skipped"
+
+
+def test_an_interrupted_verification_is_not_left_running() -> None:
+    from imgprep.jobs import _mark_interrupted
+
+    record: dict[str, Any] = {
+        "execution": "running",
+        "chain_results": [{"name": "verify"}],
+        "verification": {"status": "running"},
+    }
+    _mark_interrupted(record)
+    assert record["verification"]["status"] == "failed"
+    assert record["verification"]["error"]["code"] == "Interrupted"
+    done: dict[str, Any] = {"execution": "running", "chain_results": [], "verification": {"status": "passed"}}
+    _mark_interrupted(done)
+    assert done["verification"] == {"status": "passed"}  # control: a finished verification stays
