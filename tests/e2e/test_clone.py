@@ -152,15 +152,38 @@ def test_clone_of_running_prototype_with_agent(prototype: Prototype, imgprep: An
     assert record["needs_recovery"] is False
 
 
+_EVENT_LOOP_LOCK = threading.Lock()
+_EVENT_LOOP: list[threading.Thread] = []  # the one loop thread of this process, once started
+
+
+def _run_event_loop() -> None:
+    """Register libvirt's default event loop once per process and run it for the
+    process's whole life.
+
+    Once an event implementation is registered, every connection this process opens
+    afterwards has libvirt keepalive on: the server drops a connection whose keepalive
+    probes go unanswered for 30 s ("Cannot write data: Broken pipe"). So the loop must
+    never stop while the process can still open connections; it cannot be unregistered.
+    """
+    with _EVENT_LOOP_LOCK:
+        if _EVENT_LOOP:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _EVENT_LOOP.append(threading.Thread(target=loop, name="libvirt-events", daemon=True))
+        _EVENT_LOOP[0].start()
+
+
 class LifecycleEvents:
-    """libvirt lifecycle events of one domain, collected by an event loop thread."""
+    """libvirt lifecycle events of one domain, collected by the process's event loop."""
 
     def __init__(self, uuid: str) -> None:
-        libvirt.virEventRegisterDefaultImpl()
+        _run_event_loop()
         self.events: list[int] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
         self.conn = libvirt.open(LIBVIRT_URI)
         dom = self.conn.lookupByUUIDString(uuid)
         self._id = self.conn.domainEventRegisterAny(
@@ -170,14 +193,9 @@ class LifecycleEvents:
             None,
         )
 
-    def _loop(self) -> None:
-        while not self._stop:
-            libvirt.virEventRunDefaultImpl()
-
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.domainEventDeregisterAny(self._id)
-        self._stop = True
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
 

@@ -202,7 +202,9 @@ def small_view_dir(prototype: Prototype) -> Iterator[Path]:
     try:
         yield path
     finally:
-        subprocess.run(["umount", str(path)], check=False)
+        # A failed job can leave QEMU holding a file in it: detach it lazily then.
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
 def test_view_dir_fills_while_the_prototype_writes(
