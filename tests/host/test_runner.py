@@ -130,6 +130,16 @@ show)  # show [-p PROP]... [--value] [UNIT]...
             if [ $value = yes ]; then prop "$p" "$unit"; else echo "$p=$(prop "$p" "$unit")"; fi
         done
     done ;;
+list-units)  # list-units --all --type=service,target --plain --no-legend --no-pager
+    for unit in $SERVICES local-fs.target sysinit.target; do
+        case $unit in
+        systemd-journald.service | cron.service | stopped-later.service | local-fs.target) state="active running" ;;
+        imgprep-prepare.service) state="activating start" ;;
+        sysinit.target) state="$(cat /run/sysinit.state 2>/dev/null || echo inactive) dead" ;;
+        *) state="inactive dead" ;;
+        esac
+        echo "$unit loaded $state Fake unit $unit"
+    done ;;
 poweroff) ;;
 esac
 exit 0
@@ -290,12 +300,45 @@ def test_success(namespaces: None, tmp_path: Path) -> None:
     assert [report[k] for k in stamps] == sorted(report[k] for k in stamps)
     assert_cleaned_up(run)
     calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
-    # no systemctl call before the script: its first call reads the units afterwards
-    assert len(calls) == 2
-    assert f"{UNIT_NAME} local-fs.target" in next(c for c in calls if "InactiveExitTimestampMonotonic" in c)
+    # no systemctl call before the script; afterwards one listing of the loaded units,
+    # then the timestamps of this unit, the targets and only the services not inactive
+    # (sysinit.target not reached: every one with default dependencies waits for it)
+    assert len(calls) == 3
+    assert [c for c in calls if c.startswith("list-units")] == [
+        "list-units --all --type=service,target --plain --no-legend --no-pager"
+    ]
+    show = next(c for c in calls if "InactiveExitTimestampMonotonic" in c)
+    assert show.endswith(
+        f"{UNIT_NAME} local-fs.target sysinit.target basic.target network.target multi-user.target "
+        "systemd-journald.service imgprep-prepare.service cron.service stopped-later.service"
+    )
     assert not any("poweroff" in c for c in calls)
     # the script's full output stays in the guest's /run (a tmpfs, not part of the image)
     assert "cleaning up" in (run.tree / "run" / "imgprep-prepare.log").read_text()
+
+
+def test_once_sysinit_target_is_reached_every_loaded_service_is_read(namespaces: None, tmp_path: Path) -> None:
+    """The legacy placement (after multi-user.target): the ordering proof no longer
+    holds, so the runner reads the timestamps of every loaded service."""
+    run = run_runner(make_tree(tmp_path, "#!/bin/sh\necho active > /run/sysinit.state\n"))
+    assert run.returncode == 0, run.stderr
+    calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
+    show = next(c for c in calls if "InactiveExitTimestampMonotonic" in c)
+    assert show.endswith("multi-user.target *.service")
+    assert run.status.report is not None
+    assert run.status.report["services"] == ["systemd-journald.service", "cron.service", "stopped-later.service"]
+
+
+def test_a_failed_listing_falls_back_to_every_loaded_service(namespaces: None, tmp_path: Path) -> None:
+    run = make_tree(tmp_path, "#!/bin/sh\necho ok\n")
+    fake = run.tree / "systemctl"
+    fake.write_text(fake.read_text().replace("list-units)  #", "list-units) exit 1 ;;\nnever-used)  #"))
+    run = run_runner(run)
+    assert run.returncode == 0, run.stderr
+    calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
+    assert next(c for c in calls if "InactiveExitTimestampMonotonic" in c).endswith("multi-user.target *.service")
+    assert run.status.report is not None
+    assert run.status.report["services"] == ["systemd-journald.service", "cron.service", "stopped-later.service"]
 
 
 def test_script_failure_reports_the_error_before_the_final_state(namespaces: None, tmp_path: Path) -> None:
@@ -453,20 +496,24 @@ def test_output_tail_lines_are_capped(namespaces: None, tmp_path: Path) -> None:
 
 
 def test_fast_poweroff_remounts_read_only_then_cuts_power(namespaces: None, tmp_path: Path) -> None:
-    run = run_runner(make_tree(tmp_path, "#!/bin/sh\necho ok\n", fast=True))
+    script = "#!/bin/sh\necho ok\n[ -e /run/imgprep-prepare.runner ] || echo absent > /run/copy-during-script\n"
+    run = run_runner(make_tree(tmp_path, script, fast=True))
     assert run.returncode == 0, run.stderr
     assert run.kinds == ["state:running", "log", "report", "state:success"]
     assert run.status.report is not None
     assert run.status.report["poweroff"] == "fast"
+    assert run.status.log == "ok"
     # every local filesystem, innermost first; not proc or tmpfs
     remounts = (run.tree / "run" / "mount.args").read_text().splitlines()
     assert remounts == ["-o remount,ro /srv/with space", "-o remount,ro /boot/efi", "-o remount,ro /"]
     assert (run.tree / "proc" / "sysrq-trigger").read_text() == "o\n"
     assert (run.tree / "kmsg").read_text() == "imgprep-prepare: reported, powering off\n"
     assert (run.tree / "run" / "sleep.args").read_text() == "sleep 30\n"  # waits for the kernel
-    # it ran from a copy in /run: the deleted original must not be held open at the remount
+    # after the script it ran from a copy in /run: the deleted original must not be held
+    # open at the remount; the copy is made only after the script (nothing before it)
     copy = run.tree / "run" / "imgprep-prepare.runner"
     assert copy.read_bytes() == artifact("units/imgprep-prepare-runner").read_bytes()
+    assert (run.tree / "run" / "copy-during-script").read_text() == "absent\n"
     assert_cleaned_up(run)
     calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
     assert not any("poweroff" in c for c in calls)  # sysrq worked: no fallback
