@@ -258,8 +258,10 @@ def timings(raw: Mapping[str, Any]) -> dict[str, float | None]:
         # write-back and, with the fast power-off, the read-only remount), all guest clock
         "clean_poweroff_s": _sub(_us(report, "clean_us"), _us(report, "sync_start_us")),
         "limit_s": _limit(report, _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query)),
+        # measured: kernel start -> power down, less the wrapper's query, which the
+        # limit's script run time leaves out too (instrumentation, on both sides or none)
         "limit_ratio": _ratio(
-            printk_seen(prepare_lines, "reboot: Power down") or _sub(w["prepare_off"], offset),
+            _sub(printk_seen(prepare_lines, "reboot: Power down") or _sub(w["prepare_off"], offset), query),
             _limit(report, _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query)),
         ),
         # guest clock, from the kernel's own lines on the console: its last line before

@@ -80,9 +80,9 @@ FAKE_SYSTEMCTL = """\
 # A fake systemctl for the few verbs the runner uses, in systemctl's output format.
 echo "$*" >> /run/systemctl.args
 # the loaded services: before the script, stopped before it, stopped after it started,
-# started after it, never started
+# started after it, never started, and one that stopped by the time of the call
 SERVICES="systemd-journald.service imgprep-prepare.service cron.service early-oneshot.service
-stopped-later.service later.service never.service"
+stopped-later.service later.service never.service exited-meanwhile.service"
 prop() {  # prop NAME UNIT
     case "$1:$2" in
     Id:*) echo "$2" ;;
@@ -95,8 +95,12 @@ prop() {  # prop NAME UNIT
     InactiveExitTimestampMonotonic:stopped-later.service) echo 1000000 ;;
     InactiveEnterTimestampMonotonic:stopped-later.service) echo 999999999999999 ;;
     InactiveExitTimestampMonotonic:later.service) echo 999999999999999 ;;
+    InactiveExitTimestampMonotonic:exited-meanwhile.service) echo 1000000 ;;
+    InactiveEnterTimestampMonotonic:exited-meanwhile.service)  # just now: inactive again
+        read -r up _ </proc/uptime; echo $(( ${up%.*}${up#*.} * 10000 )) ;;
     ActiveEnterTimestampMonotonic:local-fs.target) echo 1800000 ;;
-    ActiveEnterTimestampMonotonic:sysinit.target) echo 999999999999999 ;;
+    ActiveEnterTimestampMonotonic:basic.target) echo 999999999999999 ;;
+    ActiveEnterTimestampMonotonic:sysinit.target) cat /run/sysinit.reached 2>/dev/null || echo 0 ;;
     UserspaceTimestampMonotonic:*) echo 1500000 ;;
     DefaultDependencies:cron.service | DefaultDependencies:later.service) echo yes ;;
     DefaultDependencies:never.service) echo yes ;;
@@ -110,17 +114,30 @@ case "$verb" in
 show)  # show [-p PROP]... [--value] [UNIT]...
     props=""
     value=no
+    states=""
     while [ $# -gt 0 ]; do
         case "$1" in
         -p) props="$props $2"; shift 2 ;;
         --value) value=yes; shift ;;
+        --state=*) states=",${1#--state=},"; shift ;;
         *) break ;;
         esac
     done
     [ $# -gt 0 ] || set -- manager
     units=""
-    for unit in "$@"; do  # a pattern matches the loaded units, as systemctl's does
-        if [ "$unit" = "*.service" ]; then units="$units $SERVICES"; else units="$units $unit"; fi
+    for unit in "$@"; do  # a pattern matches the loaded units in --state, as systemctl's does
+        if [ "$unit" = "*.service" ]; then
+            for s in $SERVICES; do
+                case $s in
+                systemd-journald.service | cron.service | stopped-later.service) state=active ;;
+                imgprep-prepare.service) state=activating ;;
+                *) state=inactive ;;
+                esac
+                case $states in "" | *",$state,"*) units="$units $s" ;; esac
+            done
+        else
+            units="$units $unit"
+        fi
     done
     first=yes
     for unit in $units; do
@@ -129,16 +146,6 @@ show)  # show [-p PROP]... [--value] [UNIT]...
         for p in $props; do
             if [ $value = yes ]; then prop "$p" "$unit"; else echo "$p=$(prop "$p" "$unit")"; fi
         done
-    done ;;
-list-units)  # list-units --all --type=service,target --plain --no-legend --no-pager
-    for unit in $SERVICES local-fs.target sysinit.target; do
-        case $unit in
-        systemd-journald.service | cron.service | stopped-later.service | local-fs.target) state="active running" ;;
-        imgprep-prepare.service) state="activating start" ;;
-        sysinit.target) state="$(cat /run/sysinit.state 2>/dev/null || echo inactive) dead" ;;
-        *) state="inactive dead" ;;
-        esac
-        echo "$unit loaded $state Fake unit $unit"
     done ;;
 poweroff) ;;
 esac
@@ -289,8 +296,8 @@ def test_success(namespaces: None, tmp_path: Path) -> None:
     assert report["late_services"] == ["cron.service"]  # default dependencies, started before the end
     assert report["targets"] == {
         "local-fs.target": "active",
-        "sysinit.target": "inactive",  # reached only after the script
-        "basic.target": "inactive",
+        "sysinit.target": "inactive",  # not reached
+        "basic.target": "inactive",  # reached only after the script
         "network.target": "inactive",
         "multi-user.target": "inactive",
     }
@@ -300,18 +307,14 @@ def test_success(namespaces: None, tmp_path: Path) -> None:
     assert [report[k] for k in stamps] == sorted(report[k] for k in stamps)
     assert_cleaned_up(run)
     calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
-    # no systemctl call before the script; afterwards one listing of the loaded units,
-    # then the timestamps of this unit, the targets and only the services not inactive
-    # (sysinit.target not reached: every one with default dependencies waits for it)
-    assert len(calls) == 3
-    assert [c for c in calls if c.startswith("list-units")] == [
-        "list-units --all --type=service,target --plain --no-legend --no-pager"
-    ]
+    # no systemctl call before the script; afterwards the manager's timestamps and one
+    # show of this unit, the targets and only the services not inactive (sysinit.target
+    # not reached: every one with default dependencies waits for it)
+    assert len(calls) == 2
     show = next(c for c in calls if "InactiveExitTimestampMonotonic" in c)
-    assert show.endswith(
-        f"{UNIT_NAME} local-fs.target sysinit.target basic.target network.target multi-user.target "
-        "systemd-journald.service imgprep-prepare.service cron.service stopped-later.service"
-    )
+    assert "--state=active,activating,deactivating,reloading,failed" in show
+    targets = "local-fs.target sysinit.target basic.target network.target multi-user.target"
+    assert show.endswith(f"{UNIT_NAME} {targets} *.service")
     assert not any("poweroff" in c for c in calls)
     # the script's full output stays in the guest's /run (a tmpfs, not part of the image)
     assert "cleaning up" in (run.tree / "run" / "imgprep-prepare.log").read_text()
@@ -319,26 +322,22 @@ def test_success(namespaces: None, tmp_path: Path) -> None:
 
 def test_once_sysinit_target_is_reached_every_loaded_service_is_read(namespaces: None, tmp_path: Path) -> None:
     """The legacy placement (after multi-user.target): the ordering proof no longer
-    holds, so the runner reads the timestamps of every loaded service."""
-    run = run_runner(make_tree(tmp_path, "#!/bin/sh\necho active > /run/sysinit.state\n"))
+    holds, so the runner reads the timestamps of every loaded service too."""
+    run = run_runner(make_tree(tmp_path, "#!/bin/sh\necho 1700000 > /run/sysinit.reached\n"))
     assert run.returncode == 0, run.stderr
-    calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
-    show = next(c for c in calls if "InactiveExitTimestampMonotonic" in c)
-    assert show.endswith("multi-user.target *.service")
+    shows = [c for c in (run.tree / "run" / "systemctl.args").read_text().splitlines() if "InactiveExit" in c]
+    assert len(shows) == 2
+    assert "--state=" not in shows[1]
+    assert shows[1].endswith("ExecMainStartTimestampMonotonic *.service")
     assert run.status.report is not None
-    assert run.status.report["services"] == ["systemd-journald.service", "cron.service", "stopped-later.service"]
-
-
-def test_a_failed_listing_falls_back_to_every_loaded_service(namespaces: None, tmp_path: Path) -> None:
-    run = make_tree(tmp_path, "#!/bin/sh\necho ok\n")
-    fake = run.tree / "systemctl"
-    fake.write_text(fake.read_text().replace("list-units)  #", "list-units) exit 1 ;;\nnever-used)  #"))
-    run = run_runner(run)
-    assert run.returncode == 0, run.stderr
-    calls = (run.tree / "run" / "systemctl.args").read_text().splitlines()
-    assert next(c for c in calls if "InactiveExitTimestampMonotonic" in c).endswith("multi-user.target *.service")
-    assert run.status.report is not None
-    assert run.status.report["services"] == ["systemd-journald.service", "cron.service", "stopped-later.service"]
+    assert run.status.report["targets"]["sysinit.target"] == "active"
+    # every loaded service that was up in the window, whatever its state now
+    assert run.status.report["services"] == [
+        "systemd-journald.service",
+        "cron.service",
+        "stopped-later.service",
+        "exited-meanwhile.service",
+    ]
 
 
 def test_script_failure_reports_the_error_before_the_final_state(namespaces: None, tmp_path: Path) -> None:
@@ -485,14 +484,36 @@ def test_output_tail_lines_are_capped(namespaces: None, tmp_path: Path) -> None:
             #!/bin/sh
             head -c 100000 /dev/zero | tr '\\0' x
             echo
+            seq 1 60
             echo short
             """,
         )
     )
     assert run.returncode == 0, run.stderr
-    assert run.status.log == "x" * 200 + "\nshort"
+    # the last 40 lines, in order
+    assert run.status.log is not None
+    lines = run.status.log.split("\n")
+    assert lines == [str(k) for k in range(22, 61)] + ["short"]
+    assert len(lines) == 40
     # the whole line stays in the guest's /run log
     assert len((run.tree / "run" / "imgprep-prepare.log").read_text()) > 100000
+
+
+def test_output_tail_is_cut_and_control_characters_dropped(namespaces: None, tmp_path: Path) -> None:
+    run = run_runner(
+        make_tree(
+            tmp_path,
+            """\
+            #!/bin/sh
+            head -c 100000 /dev/zero | tr '\\0' x
+            echo
+            printf '\\033[31mred\\ttab\\001\\r\\n'
+            echo short
+            """,
+        )
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.status.log == "x" * 200 + "\n[31mred\ttab\nshort"
 
 
 def test_fast_poweroff_remounts_read_only_then_cuts_power(namespaces: None, tmp_path: Path) -> None:

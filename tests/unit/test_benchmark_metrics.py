@@ -155,6 +155,17 @@ def test_timings_of_a_run() -> None:
     assert sum(p for p in parts if p is not None) == pytest.approx(t["total_s"])
 
 
+def test_limit_ratio_leaves_the_wrappers_query_out_of_both_sides() -> None:
+    run = sample_run()
+    run["record"]["boot_report"] |= {"sync_start_us": 23_600_000, "clean_us": 24_200_000}
+    run["console"].append((T0 + 90.4, "[   25.000000] reboot: Power down"))
+    t = metrics.timings(run)
+    script = 3.5 - 0.38  # the wrapper's query (0.38 s) is not the script
+    limit = 19.0 + script + 0.6  # unit start + script + clean power-off
+    assert t["limit_s"] == pytest.approx(limit)
+    assert t["limit_ratio"] == pytest.approx((25.0 - 0.38) / limit, abs=1e-3)
+
+
 def test_correctness_of_a_run() -> None:
     c = metrics.correctness(sample_run())
     assert c["regular_services_at_script"] == ["etcd.service"]
