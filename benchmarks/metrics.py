@@ -210,6 +210,8 @@ def timings(raw: Mapping[str, Any]) -> dict[str, float | None]:
     prepare_lines = between(console, w["prepare_on"], w["prepare_off"])
     offset = clock_offset(prepare_lines)
     query = daemon_starts(raw)["query_s"] or 0.0
+    # the operator script's run time, less the benchmark wrapper's own query
+    script_run = _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query)
 
     def elapsed(step: str) -> float | None:
         return steps.get(step, {}).get("elapsed")
@@ -249,7 +251,7 @@ def timings(raw: Mapping[str, Any]) -> dict[str, float | None]:
         "guest_script_end_s": _us(report, "script_end_us"),
         "guest_finish_s": _us(report, "finish_us"),
         "guest_poweroff_s": _sub(w["prepare_off"], offset),
-        "script_run_s": _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query),
+        "script_run_s": script_run,
         "runner_before_script_s": _sub(_us(report, "script_start_us"), _us(report, "unit_start_us")),
         # of which systemd's own: unit start -> the runner's process forked
         "unit_to_exec_s": _sub(_us(report, "exec_start_us"), _us(report, "unit_start_us")),
@@ -257,12 +259,12 @@ def timings(raw: Mapping[str, Any]) -> dict[str, float | None]:
         # the physical limit: the unit's start + the script + a clean power-off (the
         # write-back and, with the fast power-off, the read-only remount), all guest clock
         "clean_poweroff_s": _sub(_us(report, "clean_us"), _us(report, "sync_start_us")),
-        "limit_s": _limit(report, _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query)),
+        "limit_s": _limit(report, script_run),
         # measured: kernel start -> power down, less the wrapper's query, which the
         # limit's script run time leaves out too (instrumentation, on both sides or none)
         "limit_ratio": _ratio(
             _sub(printk_seen(prepare_lines, "reboot: Power down") or _sub(w["prepare_off"], offset), query),
-            _limit(report, _sub(_sub(_us(report, "script_end_us"), _us(report, "script_start_us")), query)),
+            _limit(report, script_run),
         ),
         # guest clock, from the kernel's own lines on the console: its last line before
         # ACPI S5, and the runner's mark after its last report (fast power-off only)
