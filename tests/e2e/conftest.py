@@ -167,9 +167,21 @@ def make_prototype(
             with contextlib.suppress(libvirt.libvirtError):
                 proto.conn.close()
         report = getattr(request.node, "rep_call", None)
-        if report is None or report.passed:
-            for _, workdir in made:
+        for _, workdir in made:
+            if report is None or report.passed:
                 shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                keep_logs_only(workdir)
+
+
+def keep_logs_only(workdir: Path) -> None:
+    """A failed test's prototype directory: its console log stays for the diagnosis, the
+    disks go (hundreds of MB each: failed runs must not fill the host)."""
+    for entry in workdir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.suffix != ".log":
+            entry.unlink(missing_ok=True)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import libvirt_qemu
 import pytest
 
 from imgprep import pointintime as pit
+from imgprep import scratchguard
 from tests.e2e.conftest import LIBVIRT_URI, VM_ROOT, Prototype
 from tests.e2e.test_clone import LifecycleEvents, leftovers, lifecycle  # noqa: F401 - lifecycle is a fixture
 from tests.e2e.test_create import TIMEOUTS, inspect_disk
@@ -253,14 +254,50 @@ def test_view_dir_fills_while_the_prototype_writes(
     assert "ended the backup job before its scratch file could fill it" in error["message"]
     record = assert_failed_cleanly(imgprep, job.job_uuid, prototype, output_dir)
     trip = record["state"]["clone"]["scratch_trip"]
-    assert trip["free"] < RESERVE_MIB << 20  # control: the scratch file really grew into the reserve
+    assert trip["rate"] > 0  # the free space was falling when the guard acted: the scratch grew
     assert trip["ended"] is True
     assert trip["resumed"] is False  # no write of the prototype ever failed (none paused it)
     assert list(small_view_dir.iterdir()) == [], "the job's view directory is left"
+
+    # control: the same writer, the same view directory, a backup job with no guard:
+    # the scratch fills and QEMU pauses the prototype on the failed write (what the
+    # guard prevented above). Ending the job and resuming lets that write through.
+    paused_without_a_guard(prototype, small_view_dir)
     reliability(
         "view directory fills during the point-in-time view (clone, running)",
         f"view_dir on a {VIEW_FS_MIB} MiB tmpfs, reserve {RESERVE_MIB} MiB; the prototype overwrites "
-        f"{FILLER_MIB} MiB during the prepare boot",
-        "the scratch guard ends the backup job at the reserve: `ScratchSpaceLow`; exit 1; no image; every "
-        "prototype write succeeded (file complete, no I/O error in its kernel log), never paused; nothing left",
+        f"{FILLER_MIB} MiB during the prepare boot, as fast as it can",
+        "the scratch guard ends the backup job before the reserve is reached at the rate the free space falls: "
+        "`ScratchSpaceLow`; exit 1; no image; every prototype write succeeded (file complete, no I/O error in its "
+        "kernel log), never paused; nothing left. Control, the same writer with no guard: the prototype pauses "
+        "on the full scratch; ended and resumed, its write completes",
     )
+
+
+def paused_without_a_guard(prototype: Prototype, view_dir: Path) -> None:
+    """A pull backup of the running prototype with its scratch in ``view_dir`` and no
+    guard; the prototype overwrites FILLER again: it must pause on a write error. Then
+    the job is ended, the prototype resumed, and its write must complete."""
+    dom = prototype.dom
+    files = pit.ViewFiles(view_dir / "control", pit.SOCKET_ROOT / f"e2e-{prototype.uuid}")
+    files.create(pit.qemu_owner(prototype.conn))
+    try:
+        pit.capture_running(dom, files, pit.SourceDisk.from_xml(dom.XMLDesc(0)), "crash")
+        writer = guest_start(dom, "/bin/dd", f"if={NEW_DATA}", f"of={FILLER}", "bs=1M", "conv=notrunc,fsync")
+        deadline = time.monotonic() + 300
+        while dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+            assert time.monotonic() < deadline, "the unguarded scratch never filled: the writer is too slow"
+            time.sleep(0.05)
+        assert dom.state()[1] == libvirt.VIR_DOMAIN_PAUSED_IOERROR, dom.state()
+        assert scratchguard.free_bytes(view_dir) < RESERVE_MIB << 20  # the scratch filled the view directory
+    finally:
+        ended = pit.end_backup(dom, files)
+        resumed = pit.resume_after_write_error(dom)
+        pit.cleanup(prototype.conn, prototype.uuid, files, None)
+    assert ended, "the control's backup job was gone before it was ended"
+    assert resumed, "the prototype paused by the full scratch was not resumed"
+    code, out = guest_wait(dom, writer)
+    assert code == 0, out  # the paused write went through once the job had ended
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    code, out = guest_run(dom, "/bin/sh", "-c", f"sync && echo 3 > /proc/sys/vm/drop_caches && cmp {NEW_DATA} {FILLER}")
+    assert code == 0, f"the prototype's file is not what it wrote after the resume: {out}"

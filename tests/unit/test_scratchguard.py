@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from imgprep.scratchguard import VIEW_ROOM, MiB, ScratchGuard, view_room_problem
+from imgprep.scratchguard import REACTION, VIEW_ROOM, MiB, ScratchGuard, Trip, view_room_problem
 
 
 def test_view_room_needs_the_reserve_and_room_to_begin(tmp_path: Path) -> None:
@@ -70,6 +70,64 @@ def test_below_the_reserve_the_guard_ends_the_view_once() -> None:
     assert ender.calls == 1
 
 
+class Host:
+    """The view directory's free space and the clock, set by the test between looks."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.now = 0.0
+
+    def look(self, guard: ScratchGuard, *, after: float, free: int) -> Trip | None:
+        self.now += after
+        self.free = free
+        return guard.poll()
+
+
+def test_a_fast_fall_trips_before_the_reserve_is_crossed() -> None:
+    """A prototype overwriting faster than the reserve absorbs between two looks: the
+    guard ends the view while the projected free space, not yet the free space, is
+    below the reserve (a fixed threshold would be crossed, and the scratch filled,
+    before the abort lands)."""
+    host = Host(1000 * MiB)
+    ender = Ender()
+    guard = ScratchGuard(Path("/v"), 48 * MiB, ender, free=lambda _p: host.free, clock=lambda: host.now)
+    assert guard.poll() is None  # the first look: no rate yet
+    assert host.look(guard, after=0.1, free=995 * MiB) is None  # 50 MiB/s: 945 MiB left after REACTION
+    trip = host.look(guard, after=0.1, free=880 * MiB)  # 1150 MiB/s: empty within REACTION
+    assert trip is not None
+    assert (trip.free, trip.rate, trip.ended) == (880 * MiB, 1150 * MiB, True)
+    assert trip.free > trip.reserve  # control: a fixed threshold would not have tripped yet
+    message = trip.message()
+    assert "880 MiB free in /v, falling at 1150 MiB/s, below the reserve of 48 MiB" in message
+    assert f"within {REACTION:g} s" in message
+    assert ender.calls == 1
+
+
+def test_the_rate_is_the_fastest_recent_fall_and_a_rise_is_no_fall() -> None:
+    host = Host(2000 * MiB)
+    ender = Ender()
+    guard = ScratchGuard(Path("/v"), 48 * MiB, ender, free=lambda _p: host.free, clock=lambda: host.now)
+    guard.poll()
+    assert host.look(guard, after=0.1, free=1900 * MiB) is None  # a burst: 1000 MiB/s, 900 MiB after REACTION
+    assert host.look(guard, after=0.1, free=1950 * MiB) is None  # files deleted: no fall
+    # 1 MiB/s now, but the burst a moment ago counts: 1899 - 1000 is still above the reserve
+    assert host.look(guard, after=0.1, free=1949 * MiB) is None
+    assert host.look(guard, after=0.1, free=1040 * MiB) is not None  # another burst: below within REACTION
+    assert ender.calls == 1
+
+
+def test_a_slow_fall_leaves_the_view_alone_until_the_reserve() -> None:
+    host = Host(100 * MiB)
+    ender = Ender()
+    guard = ScratchGuard(Path("/v"), 48 * MiB, ender, free=lambda _p: host.free, clock=lambda: host.now)
+    guard.poll()
+    for free in range(99, 48, -1):  # 1 MiB/s: REACTION takes 1 MiB, still above the reserve
+        assert host.look(guard, after=1.0, free=free * MiB) is None, free
+    trip = host.look(guard, after=1.0, free=47 * MiB)
+    assert trip is not None
+    assert "47 MiB free in /v, below the reserve of 48 MiB (scratch_reserve_mib)" in trip.message()
+
+
 def test_ending_the_view_is_retried_then_reported() -> None:
     ender = Ender(failures=2)
     guard = ScratchGuard(Path("/v"), 10, ender, free=lambda _p: 0, end_retry_delay=0)
@@ -100,7 +158,7 @@ def test_a_removed_view_directory_is_not_a_trip() -> None:
 def test_the_thread_watches_until_the_space_runs_low_then_stops() -> None:
     readings = iter([100, 90, 80, 5])
     ender = Ender()
-    guard = ScratchGuard(Path("/v"), 10, ender, interval=0.01, free=lambda _p: next(readings, 5))
+    guard = ScratchGuard(Path("/v"), 10, ender, interval=0.01, free=lambda _p: next(readings, 5), reaction=0)
     guard.start()
     try:
         assert ender.done.wait(30), "the guard never ended the view"
