@@ -83,15 +83,19 @@ class Host:
         return guard.poll()
 
 
+def guard_on(host: Host, ender: Ender, reserve: int) -> ScratchGuard:
+    guard = ScratchGuard(Path("/v"), reserve, ender, free=lambda _p: host.free, clock=lambda: host.now)
+    guard.poll()  # the first look: no rate yet
+    return guard
+
+
 def test_a_fast_fall_trips_before_the_reserve_is_crossed() -> None:
     """A prototype overwriting faster than the reserve absorbs between two looks: the
     guard ends the view while the projected free space, not yet the free space, is
     below the reserve (a fixed threshold would be crossed, and the scratch filled,
     before the abort lands)."""
-    host = Host(1000 * MiB)
-    ender = Ender()
-    guard = ScratchGuard(Path("/v"), 48 * MiB, ender, free=lambda _p: host.free, clock=lambda: host.now)
-    assert guard.poll() is None  # the first look: no rate yet
+    host, ender = Host(1000 * MiB), Ender()
+    guard = guard_on(host, ender, 48 * MiB)
     assert host.look(guard, after=0.1, free=995 * MiB) is None  # 50 MiB/s: 945 MiB left after REACTION
     trip = host.look(guard, after=0.1, free=880 * MiB)  # 1150 MiB/s: empty within REACTION
     assert trip is not None
@@ -103,24 +107,34 @@ def test_a_fast_fall_trips_before_the_reserve_is_crossed() -> None:
     assert ender.calls == 1
 
 
-def test_the_rate_is_the_fastest_recent_fall_and_a_rise_is_no_fall() -> None:
-    host = Host(2000 * MiB)
-    ender = Ender()
-    guard = ScratchGuard(Path("/v"), 48 * MiB, ender, free=lambda _p: host.free, clock=lambda: host.now)
-    guard.poll()
-    assert host.look(guard, after=0.1, free=1900 * MiB) is None  # a burst: 1000 MiB/s, 900 MiB after REACTION
-    assert host.look(guard, after=0.1, free=1950 * MiB) is None  # files deleted: no fall
-    # 1 MiB/s now, but the burst a moment ago counts: 1899 - 1000 is still above the reserve
-    assert host.look(guard, after=0.1, free=1949 * MiB) is None
-    assert host.look(guard, after=0.1, free=1040 * MiB) is not None  # another burst: below within REACTION
-    assert ender.calls == 1
+def test_a_burst_a_moment_ago_still_counts() -> None:
+    """The rate is the fastest fall over the last second of looks, not the last one: a
+    prototype that wrote in a burst a moment ago may again. A rise (files deleted) is
+    no fall."""
+    reserve = 1000 * MiB
+    slow = [2080, 2060, 2040, 2020, 2000, 1980]  # 200 MiB/s: 1 s of it leaves 1780 MiB
+
+    burst_host, burst = Host(2200 * MiB), Ender()
+    guard = guard_on(burst_host, burst, reserve)
+    assert burst_host.look(guard, after=0.1, free=2100 * MiB) is None  # 1000 MiB/s: 1100 MiB after 1 s
+    assert burst_host.look(guard, after=0.1, free=2110 * MiB) is None  # a rise
+    trips = [burst_host.look(guard, after=0.1, free=free * MiB) for free in slow]
+    assert trips[:-1] == [None] * 5  # down to 2000: 1000 MiB after 1 s at the burst's rate, not below
+    trip = trips[-1]
+    assert trip is not None
+    assert (trip.free, trip.rate) == (1980 * MiB, 1000 * MiB)
+    assert burst.calls == 1
+
+    # control: the same slow fall without the burst never trips
+    host, ender = Host(2110 * MiB), Ender()
+    guard = guard_on(host, ender, reserve)
+    assert [host.look(guard, after=0.1, free=free * MiB) for free in slow] == [None] * 6
+    assert ender.calls == 0
 
 
 def test_a_slow_fall_leaves_the_view_alone_until_the_reserve() -> None:
-    host = Host(100 * MiB)
-    ender = Ender()
-    guard = ScratchGuard(Path("/v"), 48 * MiB, ender, free=lambda _p: host.free, clock=lambda: host.now)
-    guard.poll()
+    host, ender = Host(100 * MiB), Ender()
+    guard = guard_on(host, ender, 48 * MiB)
     for free in range(99, 48, -1):  # 1 MiB/s: REACTION takes 1 MiB, still above the reserve
         assert host.look(guard, after=1.0, free=free * MiB) is None, free
     trip = host.look(guard, after=1.0, free=47 * MiB)
