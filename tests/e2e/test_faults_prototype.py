@@ -194,6 +194,17 @@ VIEW_FS_MIB = 160
 RESERVE_MIB = 48
 
 
+def overwrite_filler(dom: Any) -> int:
+    """Start the prototype overwriting FILLER in place with NEW_DATA (during a backup
+    job, each block's first write sends its old block to the scratch file); its pid."""
+    return guest_start(dom, "/bin/dd", f"if={NEW_DATA}", f"of={FILLER}", "bs=1M", "conv=notrunc,fsync")
+
+
+def filler_holds_new_data(dom: Any) -> tuple[int, str]:
+    """``cmp`` of FILLER with NEW_DATA, read back from the prototype's disk (caches dropped)."""
+    return guest_run(dom, "/bin/sh", "-c", f"sync && echo 3 > /proc/sys/vm/drop_caches && cmp {NEW_DATA} {FILLER}")
+
+
 @pytest.fixture
 def small_view_dir(prototype: Prototype) -> Iterator[Path]:
     """A view directory on a small tmpfs (a host filesystem: never a guest's)."""
@@ -231,7 +242,7 @@ def test_view_dir_fills_while_the_prototype_writes(
 
     job = start_job("--vm", prototype.uuid, "--config", str(config), "--output-dir", str(output_dir), *TIMEOUTS)
     job.wait_step("wait_running")
-    writer = guest_start(dom, "/bin/dd", f"if={NEW_DATA}", f"of={FILLER}", "bs=1M", "conv=notrunc,fsync")
+    writer = overwrite_filler(dom)
     result = job.finish()
     code, out = guest_wait(dom, writer)
 
@@ -239,7 +250,7 @@ def test_view_dir_fills_while_the_prototype_writes(
     assert code == 0, out
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert prototype.dom.ID() == dom_id
-    code, out = guest_run(dom, "/bin/sh", "-c", f"sync && echo 3 > /proc/sys/vm/drop_caches && cmp {NEW_DATA} {FILLER}")
+    code, out = filler_holds_new_data(dom)
     assert code == 0, f"the prototype's file is not what it wrote: {out}"
     code, kernel_log = guest_run(dom, "/bin/dmesg")
     assert code == 0
@@ -283,7 +294,7 @@ def paused_without_a_guard(prototype: Prototype, view_dir: Path) -> None:
     files.create(pit.qemu_owner(prototype.conn))
     try:
         pit.capture_running(dom, files, pit.SourceDisk.from_xml(dom.XMLDesc(0)), "crash")
-        writer = guest_start(dom, "/bin/dd", f"if={NEW_DATA}", f"of={FILLER}", "bs=1M", "conv=notrunc,fsync")
+        writer = overwrite_filler(dom)
         deadline = time.monotonic() + 300
         while dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
             assert time.monotonic() < deadline, "the unguarded scratch never filled: the writer is too slow"
@@ -299,5 +310,5 @@ def paused_without_a_guard(prototype: Prototype, view_dir: Path) -> None:
     code, out = guest_wait(dom, writer)
     assert code == 0, out  # the paused write went through once the job had ended
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-    code, out = guest_run(dom, "/bin/sh", "-c", f"sync && echo 3 > /proc/sys/vm/drop_caches && cmp {NEW_DATA} {FILLER}")
+    code, out = filler_holds_new_data(dom)
     assert code == 0, f"the prototype's file is not what it wrote after the resume: {out}"
