@@ -362,10 +362,13 @@ def recover(
                 _mark_interrupted(record)
             chain = backend.chain(_PLACEHOLDER)
             engine.recover(chain, discard=not record.get("manifest"))
-        record.setdefault("recovery", []).append({"at": now(), "result": "restored"})
-        store.save(record)
+        # the image first, the recovery's entry last: a reader that sees the entry sees
+        # the image settled (the other way round, a crash between the two left the image
+        # unsettled for good: a second recover finds the VM already restored)
         if params.get("image_uuid"):
             _settle_recovered_image(store, record)
+        record.setdefault("recovery", []).append({"at": now(), "result": "restored"})
+        store.save(record)
     return record
 
 
